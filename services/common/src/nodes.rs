@@ -1,0 +1,198 @@
+//! A followed set of nodes of one kind: membership from discovery, one client per node, and
+//! the consistent-hash ring over the nodes that are members and not ejected.
+//!
+//! Ejection is the data plane's fast path: a refused connection or a broken stream takes a
+//! node out of this process's ring at once, without waiting for its lease to expire. An
+//! ejected node comes back when a probe succeeds (it answers again) while membership still
+//! lists it. Edges, workers and the worker's shard pool all route through a `NodeSet`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use tokio_util::sync::CancellationToken;
+
+use crate::discovery::{BoxFuture, Discovery, Member, Members, NodeKind};
+use crate::placement::{DEFAULT_VNODES, Ring};
+
+pub const EJECTIONS: &str = "tether_node_ejections_total";
+pub const MEMBERSHIP_CHANGES: &str = "tether_node_membership_changes_total";
+pub const LIVE_NODES: &str = "tether_node_live";
+
+/// Builds a node's client from its membership entry.
+pub type Connect<C> = Arc<dyn Fn(&Member) -> Option<C> + Send + Sync>;
+/// Checks whether an ejected node answers again.
+pub type Probe<C> = Arc<dyn Fn(C) -> BoxFuture<'static, bool> + Send + Sync>;
+
+struct View<C> {
+    ring: Ring,
+    nodes: HashMap<String, (String, C)>,
+    ejected: BTreeSet<String>,
+}
+
+impl<C> View<C> {
+    fn rebuild(&mut self) {
+        let live: Vec<&str> = self.nodes.keys().filter(|id| !self.ejected.contains(*id)).map(String::as_str).collect();
+        self.ring = Ring::new(live, DEFAULT_VNODES);
+    }
+}
+
+pub struct NodeSet<C> {
+    kind: NodeKind,
+    view: Arc<RwLock<View<C>>>,
+    members: tokio::sync::watch::Receiver<Members>,
+}
+
+impl<C> Clone for NodeSet<C> {
+    fn clone(&self) -> Self {
+        NodeSet { kind: self.kind, view: self.view.clone(), members: self.members.clone() }
+    }
+}
+
+impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
+    /// Follows the members of `kind` until `stop`, probing ejected nodes every `probe_every`.
+    pub fn start(
+        discovery: &dyn Discovery,
+        kind: NodeKind,
+        connect: Connect<C>,
+        probe: Probe<C>,
+        probe_every: Duration,
+        stop: CancellationToken,
+    ) -> Self {
+        let mut members = discovery.watch(kind);
+        let set = NodeSet {
+            kind,
+            view: Arc::new(RwLock::new(View { ring: Ring::new([], DEFAULT_VNODES), nodes: HashMap::new(), ejected: BTreeSet::new() })),
+            members: members.clone(),
+        };
+        set.apply(&members.borrow_and_update().clone(), &connect);
+        let follower = set.clone();
+        let membership_stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = membership_stop.cancelled() => break,
+                    changed = members.changed() => {
+                        if changed.is_err() { break }
+                        let snapshot = members.borrow_and_update().clone();
+                        follower.apply(&snapshot, &connect);
+                    }
+                }
+            }
+        });
+        let prober = set.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(probe_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => prober.probe_ejected(&probe).await,
+                }
+            }
+        });
+        set
+    }
+
+    fn apply(&self, members: &Members, connect: &Connect<C>) {
+        let mut view = self.view.write();
+        view.nodes.retain(|id, (addr, _)| members.get(id).is_some_and(|m| &m.addr == addr));
+        for member in members.values() {
+            if !view.nodes.contains_key(&member.id) {
+                match connect(member) {
+                    Some(client) => {
+                        view.nodes.insert(member.id.clone(), (member.addr.clone(), client));
+                    }
+                    None => tracing::warn!(node = %member.id, "member address unusable; ignored"),
+                }
+            }
+        }
+        let nodes = &view.nodes;
+        let still_members: BTreeSet<String> = view.ejected.iter().filter(|id| nodes.contains_key(*id)).cloned().collect();
+        view.ejected = still_members;
+        view.rebuild();
+        metrics::counter!(MEMBERSHIP_CHANGES, "kind" => self.kind.as_str()).increment(1);
+        metrics::gauge!(LIVE_NODES, "kind" => self.kind.as_str()).set(view.ring.len() as f64);
+        tracing::info!(kind = self.kind.as_str(), members = view.nodes.len(), live = view.ring.len(), "membership changed");
+    }
+
+    async fn probe_ejected(&self, probe: &Probe<C>) {
+        let ejected: Vec<(String, C)> = {
+            let view = self.view.read();
+            view.ejected.iter().filter_map(|id| view.nodes.get(id).map(|(_, c)| (id.clone(), c.clone()))).collect()
+        };
+        for (id, client) in ejected {
+            if probe(client).await {
+                let mut view = self.view.write();
+                if view.ejected.remove(&id) {
+                    view.rebuild();
+                    tracing::info!(kind = self.kind.as_str(), node = %id, "ejected node answers again; readmitted");
+                }
+            }
+        }
+    }
+
+    /// Takes a node out of this process's ring at once (it refused or broke a call).
+    pub fn eject(&self, id: &str) {
+        let mut view = self.view.write();
+        if view.nodes.contains_key(id) && view.ejected.insert(id.to_owned()) {
+            view.rebuild();
+            metrics::counter!(EJECTIONS, "kind" => self.kind.as_str()).increment(1);
+            metrics::gauge!(LIVE_NODES, "kind" => self.kind.as_str()).set(view.ring.len() as f64);
+            tracing::warn!(kind = self.kind.as_str(), node = %id, "node ejected");
+        }
+    }
+
+    /// Returns the owner of `key` among the live nodes.
+    pub fn owner(&self, key: u64) -> Option<(Arc<str>, C)> {
+        let view = self.view.read();
+        let id = view.ring.owner(key)?;
+        view.nodes.get(id).map(|(_, client)| (Arc::from(id), client.clone()))
+    }
+
+    /// Returns the ring successor of `key`: who inherits it when its owner leaves.
+    pub fn successor(&self, key: u64) -> Option<(Arc<str>, C)> {
+        let view = self.view.read();
+        let id = view.ring.successor(key)?;
+        view.nodes.get(id).map(|(_, client)| (Arc::from(id), client.clone()))
+    }
+
+    /// Returns the owner of `key` if `node` were not in the ring.
+    pub fn owner_without(&self, key: u64, node: &str) -> Option<(Arc<str>, C)> {
+        let view = self.view.read();
+        let id = match view.ring.owner(key)? {
+            owner if owner == node => view.ring.successor(key)?,
+            owner => owner,
+        };
+        view.nodes.get(id).map(|(_, client)| (Arc::from(id), client.clone()))
+    }
+
+    pub fn get(&self, id: &str) -> Option<C> {
+        self.view.read().nodes.get(id).map(|(_, client)| client.clone())
+    }
+
+    /// Every live node.
+    pub fn live(&self) -> Vec<(Arc<str>, C)> {
+        let view = self.view.read();
+        view.ring.nodes().filter_map(|id| view.nodes.get(id).map(|(_, c)| (Arc::from(id), c.clone()))).collect()
+    }
+
+    pub fn is_live(&self, id: &str) -> bool {
+        self.view.read().ring.contains(id)
+    }
+
+    /// Live nodes in this process's view.
+    pub fn len(&self) -> usize {
+        self.view.read().ring.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The membership as discovery reports it (ejected nodes included).
+    pub fn members(&self) -> Members {
+        self.members.borrow().clone()
+    }
+}

@@ -1,0 +1,133 @@
+//! The envelope of a client event or create body: the few fields the edge needs to route
+//! and to reject bad input early. The rest of the body is validated by the worker.
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::Value;
+use tether_common::ResponseId;
+use tether_proto::worker::v1::ApiError;
+
+use crate::error::{invalid, previous_not_found};
+
+#[derive(Debug, Default, Deserialize)]
+struct RawEnvelope {
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    stream: Option<Value>,
+    stream_id: Option<Value>,
+    previous_response_id: Option<Value>,
+    prompt_cache_key: Option<Value>,
+    #[serde(flatten)]
+    _rest: std::collections::HashMap<String, IgnoredAny>,
+}
+
+/// What the edge knows about a request before it reaches a worker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
+    pub kind: Option<String>,
+    pub stream: bool,
+    /// The lane (`None` for the default lane).
+    pub stream_id: Option<String>,
+    pub previous: Option<ResponseId>,
+    pub prompt_cache_key: Option<String>,
+}
+
+/// Why an envelope was rejected, and which lane (if known) the error belongs to.
+#[derive(Debug)]
+pub struct Rejection {
+    pub error: ApiError,
+    pub stream_id: Option<String>,
+}
+
+impl Envelope {
+    /// Parses and checks an envelope. Non-JSON and non-object input is `invalid_json`.
+    pub fn parse(bytes: &[u8]) -> Result<Self, Rejection> {
+        let reject = |error: ApiError, stream_id: Option<String>| Rejection { error, stream_id };
+        let raw: RawEnvelope = match serde_json::from_slice(bytes) {
+            Ok(raw) => raw,
+            Err(error) if error.is_data() => {
+                return Err(reject(invalid("invalid_json", "The message must be a JSON object.", ""), None));
+            }
+            Err(_) => return Err(reject(invalid("invalid_json", "The message is not valid JSON.", ""), None)),
+        };
+        let kind = match raw.kind {
+            None | Some(Value::Null) => None,
+            Some(Value::String(kind)) => Some(kind),
+            Some(_) => return Err(reject(invalid("invalid_event_type", "The 'type' field must be a string.", "type"), None)),
+        };
+        let stream_id = match raw.stream_id {
+            None | Some(Value::Null) => None,
+            Some(Value::String(id)) if valid_stream_id(&id) => Some(id),
+            Some(_) => {
+                return Err(reject(
+                    invalid(
+                        "invalid_stream_id",
+                        "The 'stream_id' field must be a non-empty string with at most 256 characters and may only contain letters, numbers, underscores, hyphens, and periods.",
+                        "stream_id",
+                    ),
+                    None,
+                ));
+            }
+        };
+        let previous = match raw.previous_response_id {
+            None | Some(Value::Null) => None,
+            Some(Value::String(id)) => match ResponseId::parse(&id) {
+                Some(id) => Some(id),
+                // An id tether never minted names no response anywhere.
+                None => return Err(reject(previous_not_found(&id), stream_id)),
+            },
+            Some(_) => {
+                return Err(reject(
+                    invalid("invalid_request", "'previous_response_id' must be a string or null.", "previous_response_id"),
+                    stream_id,
+                ));
+            }
+        };
+        let prompt_cache_key = match raw.prompt_cache_key {
+            Some(Value::String(key)) if !key.is_empty() => Some(key),
+            _ => None,
+        };
+        Ok(Envelope { kind, stream: raw.stream == Some(Value::Bool(true)), stream_id, previous, prompt_cache_key })
+    }
+}
+
+/// `^[A-Za-z0-9_.-]{1,256}$`
+pub fn valid_stream_id(id: &str) -> bool {
+    (1..=256).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use tether_common::{ResponseId, SessionKey};
+
+    use super::{Envelope, valid_stream_id};
+
+    #[test]
+    fn parses_routing_fields() {
+        let id = ResponseId::new(SessionKey(42));
+        let body = format!(r#"{{"type":"response.create","stream":true,"stream_id":"main","previous_response_id":"{id}","input":[1,2]}}"#);
+        let envelope = Envelope::parse(body.as_bytes()).unwrap();
+        assert_eq!(envelope.kind.as_deref(), Some("response.create"));
+        assert!(envelope.stream);
+        assert_eq!(envelope.stream_id.as_deref(), Some("main"));
+        assert_eq!(envelope.previous.unwrap().session_key(), SessionKey(42));
+    }
+
+    #[test]
+    fn rejects_bad_envelopes_with_codes() {
+        for (body, code) in [
+            ("not json", "invalid_json"),
+            ("[1]", "invalid_json"),
+            (r#"{"type":5}"#, "invalid_event_type"),
+            (r#"{"stream_id":""}"#, "invalid_stream_id"),
+            (r#"{"stream_id":"a b"}"#, "invalid_stream_id"),
+            (r#"{"stream_id":7}"#, "invalid_stream_id"),
+            (r#"{"previous_response_id":"resp_nope"}"#, "previous_response_not_found"),
+        ] {
+            assert_eq!(Envelope::parse(body.as_bytes()).unwrap_err().error.code, code, "{body}");
+        }
+        let lane = Envelope::parse(br#"{"stream_id":"x","previous_response_id":"resp_bad"}"#).unwrap_err();
+        assert_eq!(lane.stream_id.as_deref(), Some("x"));
+        assert!(valid_stream_id(&"a".repeat(256)) && !valid_stream_id(&"a".repeat(257)));
+    }
+}

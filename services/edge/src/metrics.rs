@@ -1,0 +1,25 @@
+//! The edge's metrics, described once at startup. Labels have bounded cardinality.
+
+pub const REQUESTS: &str = "tether_edge_requests_total";
+pub const WS_CONNECTIONS: &str = "tether_edge_ws_connections";
+pub const WS_CONNECTIONS_TOTAL: &str = "tether_edge_ws_connections_total";
+pub const WS_CLIENT_ERRORS: &str = "tether_edge_ws_client_errors_total";
+pub const EVENTS_RELAYED: &str = "tether_edge_events_relayed_total";
+pub const FIRST_EVENT_SECONDS: &str = "tether_edge_first_event_seconds";
+pub const WORKER_ERRORS: &str = "tether_edge_worker_errors_total";
+pub const RESPONSES_FAILED_MIDSTREAM: &str = "tether_edge_responses_failed_midstream_total";
+pub const IN_FLIGHT: &str = "tether_edge_in_flight_responses";
+pub const TURN_RETRIES: &str = "tether_edge_turn_retries_total";
+
+pub fn describe() {
+    metrics::describe_counter!(REQUESTS, "Responses requests by transport and outcome");
+    metrics::describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections");
+    metrics::describe_counter!(WS_CONNECTIONS_TOTAL, "WebSocket connections accepted");
+    metrics::describe_counter!(WS_CLIENT_ERRORS, "Client events rejected, by code");
+    metrics::describe_counter!(EVENTS_RELAYED, "Events relayed to clients");
+    metrics::describe_histogram!(FIRST_EVENT_SECONDS, metrics::Unit::Seconds, "Request to first relayed event");
+    metrics::describe_counter!(WORKER_ERRORS, "Failed worker calls, by class");
+    metrics::describe_counter!(RESPONSES_FAILED_MIDSTREAM, "Responses ended by the edge after their worker went away");
+    metrics::describe_gauge!(IN_FLIGHT, "Responses in progress");
+    metrics::describe_counter!(TURN_RETRIES, "Turns moved to another worker before any event");
+}

@@ -1,0 +1,138 @@
+//! The edge's view of the workers: a [`NodeSet`] of worker clients (persistent HTTP/2
+//! channels) on the ring every edge computes identically, and bounded-load placement of new
+//! sessions.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tether_common::SessionKey;
+use tether_common::discovery::{Discovery, Members, NodeKind};
+use tether_common::nodes::NodeSet;
+use tether_proto::worker::v1::ListModelsRequest;
+use tether_proto::worker::v1::worker_client::WorkerClient;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// A worker as the edge calls it.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    pub id: Arc<str>,
+    pub client: WorkerClient<Channel>,
+    /// Sessions this edge has live on the worker (WebSocket connections, HTTP turns).
+    active: Arc<AtomicUsize>,
+}
+
+/// Keeps a session counted against its worker while alive.
+pub struct ActiveSession(Arc<AtomicUsize>);
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl WorkerHandle {
+    pub fn track(&self) -> ActiveSession {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveSession(self.active.clone())
+    }
+
+    fn load(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// Opens a lazily connected, persistent channel to a worker or shard address.
+pub fn channel(addr: &str) -> Option<Channel> {
+    Some(
+        Endpoint::from_shared(addr.to_owned())
+            .ok()?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(1))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy(),
+    )
+}
+
+#[derive(Clone)]
+pub struct WorkerPool {
+    nodes: NodeSet<WorkerHandle>,
+    load_factor: f64,
+}
+
+impl WorkerPool {
+    /// Starts following worker membership until `stop`.
+    pub fn start(discovery: &dyn Discovery, load_factor: f64, stop: CancellationToken) -> Self {
+        let nodes = NodeSet::start(
+            discovery,
+            NodeKind::Worker,
+            Arc::new(|member: &tether_common::discovery::Member| {
+                let client = WorkerClient::new(channel(&member.addr)?)
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20);
+                Some(WorkerHandle { id: Arc::from(member.id.as_str()), client, active: Arc::default() })
+            }),
+            Arc::new(|worker: WorkerHandle| {
+                Box::pin(async move {
+                    let mut client = worker.client.clone();
+                    let call = client.list_models(ListModelsRequest {});
+                    matches!(tokio::time::timeout(Duration::from_millis(500), call).await, Ok(Ok(_)))
+                })
+            }),
+            Duration::from_millis(250),
+            stop,
+        );
+        WorkerPool { nodes, load_factor }
+    }
+
+    /// Returns the owner of `key`.
+    pub fn owner(&self, key: SessionKey) -> Option<WorkerHandle> {
+        self.nodes.owner(key.0).map(|(_, handle)| handle)
+    }
+
+    /// Takes a worker that refused or broke a call out of this edge's ring.
+    pub fn eject(&self, worker: &WorkerHandle) {
+        self.nodes.eject(&worker.id);
+    }
+
+    /// Returns any live worker (for cluster-wide questions such as the model list).
+    pub fn any(&self) -> Option<WorkerHandle> {
+        self.nodes.live().into_iter().next().map(|(_, handle)| handle)
+    }
+
+    /// Places a new session: the first candidate key whose owner is under the load bound
+    /// (`load_factor` × the average active sessions). `candidate(i)` yields the i-th key;
+    /// after eight tries the first key is used whatever the load.
+    pub fn place(&self, candidate: impl Fn(u32) -> SessionKey) -> SessionKey {
+        let live = self.nodes.live();
+        if live.len() <= 1 {
+            return candidate(0);
+        }
+        let total: usize = live.iter().map(|(_, handle)| handle.load()).sum();
+        let bound = (((total + 1) as f64 / live.len() as f64) * self.load_factor).ceil() as usize;
+        for attempt in 0..8 {
+            let key = candidate(attempt);
+            match self.owner(key) {
+                Some(owner) if owner.load() < bound.max(1) => return key,
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        candidate(0)
+    }
+
+    pub fn members(&self) -> Members {
+        self.nodes.members()
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}

@@ -1,0 +1,276 @@
+//! One WebSocket connection: read client events, check their envelope, queue creates on
+//! their lanes, run up to 16 at once and write every event as one text message.
+//!
+//! The read half is polled all the time, also while responses stream, so pings are
+//! answered promptly. A bad frame gets an `error` event and the connection stays usable.
+//! At the lifetime limit new creates are refused, in-flight ones finish, then it closes
+//! with 1000; when the edge drains it closes with 1012 (service restart: the SDK may reconnect)
+//! at an idle moment, never mid-response.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
+use futures_util::{SinkExt, StreamExt};
+use tether_common::SessionKey;
+use tether_proto::worker::v1::{ApiError, Delivery, ReleaseConnectionRequest, Transport, TurnRequest};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::task::JoinSet;
+
+use super::lanes::{LaneKey, Lanes};
+use crate::app::{EdgeState, request_id};
+use crate::envelope::Envelope;
+use crate::error::{api_error, invalid, rate_limited, ws_error_event};
+use crate::metrics as m;
+use crate::relay::{self, RelayItem};
+
+struct Create {
+    body: Bytes,
+    envelope: Envelope,
+}
+
+struct Connection {
+    state: EdgeState,
+    tenant: Arc<str>,
+    key: SessionKey,
+    id: u64,
+    out: mpsc::Sender<Message>,
+    done: mpsc::UnboundedSender<LaneKey>,
+    lanes: Lanes<Create>,
+    tasks: JoinSet<()>,
+    expired: bool,
+}
+
+pub async fn run(socket: WebSocket, state: EdgeState, tenant: Arc<str>, key: SessionKey, _permit: OwnedSemaphorePermit) {
+    metrics::gauge!(m::WS_CONNECTIONS).increment(1.0);
+    metrics::counter!(m::WS_CONNECTIONS_TOTAL).increment(1);
+    let (mut sink, mut stream) = socket.split();
+    let (out, mut out_rx) = mpsc::channel::<Message>(256);
+    let writer = tokio::spawn(async move {
+        while let Some(message) = out_rx.recv().await {
+            let closing = matches!(message, Message::Close(_));
+            if sink.send(message).await.is_err() || closing {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let (done, mut done_rx) = mpsc::unbounded_channel();
+    let id = state.connection_id();
+    let owner = state.workers.owner(key);
+    let _active = owner.as_ref().map(|worker| worker.track());
+    let mut connection =
+        Connection { state: state.clone(), tenant, key, id, out, done, lanes: Lanes::default(), tasks: JoinSet::new(), expired: false };
+    let lifetime = tokio::time::sleep(state.config.ws_max_lifetime);
+    tokio::pin!(lifetime);
+    let draining = state.draining.clone();
+
+    let close_code = loop {
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(text))) => connection.on_frame(Bytes::from(text)).await,
+                Some(Ok(Message::Binary(bytes))) => connection.on_frame(bytes).await,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_))) | None => break None,
+                Some(Err(error)) => break Some(read_error_code(error)),
+            },
+            Some(lane) = done_rx.recv() => {
+                connection.lanes.finish(&lane);
+                connection.start_ready();
+            }
+            _ = &mut lifetime, if !connection.expired => {
+                connection.expired = true;
+                connection.send(ws_error_event(&limit_reached(), None)).await;
+            }
+            _ = draining.cancelled(), if !draining.is_cancelled() => {}
+        }
+        if connection.lanes.idle() {
+            if connection.expired {
+                break Some(close_code::NORMAL);
+            }
+            if draining.is_cancelled() {
+                break Some(close_code::RESTART);
+            }
+        }
+    };
+    if let Some(code) = close_code {
+        let _ = connection.out.send(Message::Close(Some(CloseFrame { code, reason: "".into() }))).await;
+    }
+    // Responses still running belong to a client that left: stop them.
+    connection.tasks.abort_all();
+    drop(connection.out);
+    let _ = writer.await;
+    metrics::gauge!(m::WS_CONNECTIONS).decrement(1.0);
+    if let Some(worker) = owner {
+        // Forget the connection's store=false state; best effort.
+        let mut client = worker.client.clone();
+        tokio::spawn(async move {
+            let _ = client.release_connection(ReleaseConnectionRequest { connection: id }).await;
+        });
+    }
+}
+
+/// The close code for a failed read: 1009 for an oversized message, else 1011.
+fn read_error_code(error: axum::Error) -> u16 {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    match error.into_inner().downcast::<WsError>() {
+        Ok(error) if matches!(*error, WsError::Capacity(_)) => close_code::SIZE,
+        Ok(error) if matches!(*error, WsError::Protocol(_) | WsError::Utf8(_)) => close_code::PROTOCOL,
+        _ => close_code::ERROR,
+    }
+}
+
+fn limit_reached() -> ApiError {
+    invalid(
+        "websocket_connection_limit_reached",
+        "Responses websocket connection limit reached (60 minutes). Create a new websocket connection to continue.",
+        "",
+    )
+}
+
+impl Connection {
+    async fn send(&self, text: String) {
+        let _ = self.out.send(Message::Text(text.into())).await;
+    }
+
+    async fn reject(&self, error: &ApiError, stream_id: Option<&str>) {
+        metrics::counter!(m::WS_CLIENT_ERRORS, "code" => code_label(&error.code)).increment(1);
+        self.send(ws_error_event(error, stream_id)).await;
+    }
+
+    async fn on_frame(&mut self, body: Bytes) {
+        let envelope = match Envelope::parse(&body) {
+            Ok(envelope) => envelope,
+            Err(rejection) => return self.reject(&rejection.error, rejection.stream_id.as_deref()).await,
+        };
+        match envelope.kind.as_deref() {
+            Some("response.create") => {}
+            Some("response.steer") => {
+                let error = invalid("steering_not_supported", "Steering is not supported by this server.", "type");
+                return self.reject(&error, None).await;
+            }
+            Some(other) => {
+                let error = invalid("invalid_event_type", format!("Unsupported event type '{}'.", truncate(other)), "type");
+                return self.reject(&error, None).await;
+            }
+            None => return self.reject(&invalid("invalid_event_type", "Missing event 'type'.", "type"), None).await,
+        }
+        if self.expired {
+            return self.reject(&limit_reached(), None).await;
+        }
+        let lane = envelope.stream_id.clone();
+        if !self.lanes.admit(&lane) {
+            let error = invalid(
+                "websocket_stream_limit_reached",
+                "This WebSocket connection has reached its maximum number of distinct stream IDs (32). Reuse an existing stream_id or open a new WebSocket connection.",
+                "stream_id",
+            );
+            return self.reject(&error, lane.as_deref()).await;
+        }
+        self.lanes.push(lane, Create { body, envelope });
+        self.start_ready();
+    }
+
+    fn start_ready(&mut self) {
+        while let Some((lane, create)) = self.lanes.next_startable() {
+            let task = run_create(
+                self.state.clone(),
+                self.tenant.clone(),
+                self.key,
+                self.id,
+                create,
+                self.out.clone(),
+            );
+            let done = self.done.clone();
+            self.tasks.spawn(async move {
+                task.await;
+                let _ = done.send(lane);
+            });
+        }
+        // Reap finished tasks so the set does not grow over a long connection.
+        while self.tasks.try_join_next().is_some() {}
+    }
+}
+
+fn truncate(text: &str) -> &str {
+    let end = text.char_indices().nth(64).map_or(text.len(), |(i, _)| i);
+    &text[..end]
+}
+
+fn code_label(code: &str) -> &'static str {
+    match code {
+        "invalid_json" => "invalid_json",
+        "invalid_event_type" => "invalid_event_type",
+        "invalid_stream_id" => "invalid_stream_id",
+        "previous_response_not_found" => "previous_response_not_found",
+        "websocket_stream_limit_reached" => "websocket_stream_limit_reached",
+        "websocket_connection_limit_reached" => "websocket_connection_limit_reached",
+        "rate_limit_exceeded" => "rate_limit_exceeded",
+        _ => "other",
+    }
+}
+
+async fn run_create(state: EdgeState, tenant: Arc<str>, connection_key: SessionKey, connection: u64, create: Create, out: mpsc::Sender<Message>) {
+    let started = Instant::now();
+    let stream_id = create.envelope.stream_id.clone();
+    let key = create.envelope.previous.as_ref().map_or(connection_key, |previous| previous.session_key());
+    let send = |text: String| {
+        let out = out.clone();
+        async move { out.send(Message::Text(text.into())).await.is_ok() }
+    };
+    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
+        let error = rate_limited("Too many responses in progress on this server. Retry shortly.");
+        send(ws_error_event(&error, stream_id.as_deref())).await;
+        return;
+    };
+    metrics::gauge!(m::IN_FLIGHT).increment(1.0);
+    let turn = TurnRequest {
+        tenant: tenant.to_string(),
+        session: key.0,
+        body: create.body.to_vec(),
+        transport: Transport::Websocket as i32,
+        delivery: Delivery::Events as i32,
+        stream_id: stream_id.clone().unwrap_or_default(),
+        connection,
+        request_id: request_id(),
+    };
+    let mut first = true;
+    let mut outcome = "ok";
+    match relay::start_routed(&state, key, turn).await {
+        Err(error) => {
+            outcome = "error";
+            send(ws_error_event(&error, stream_id.as_deref())).await;
+        }
+        Ok(mut relay) => {
+            while let Some(item) = relay.next().await {
+                if first {
+                    metrics::histogram!(m::FIRST_EVENT_SECONDS).record(started.elapsed().as_secs_f64());
+                    first = false;
+                }
+                let text = match item {
+                    RelayItem::Event { json, event_type, .. } => {
+                        if event_type == "response.failed" {
+                            outcome = "failed";
+                        }
+                        match String::from_utf8(json) {
+                            Ok(text) => text,
+                            Err(_) => ws_error_event(&api_error(500, "server_error", "server_error", "Invalid event encoding.", ""), stream_id.as_deref()),
+                        }
+                    }
+                    RelayItem::Error(error) => {
+                        outcome = "error";
+                        ws_error_event(&error, stream_id.as_deref())
+                    }
+                    RelayItem::Final { .. } => continue,
+                };
+                metrics::counter!(m::EVENTS_RELAYED).increment(1);
+                if !send(text).await {
+                    break;
+                }
+            }
+        }
+    }
+    metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
+    metrics::counter!(m::REQUESTS, "transport" => "websocket", "outcome" => outcome).increment(1);
+}

@@ -1,0 +1,42 @@
+//! WebSocket mode: `GET /v1/responses` with an upgrade. Authentication and admission happen
+//! in the handshake, so a refused client gets a plain HTTP 401 or 429.
+
+mod connection;
+pub mod lanes;
+
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::http::HeaderMap;
+use axum::response::Response;
+
+use crate::app::{EdgeState, not_an_upgrade};
+use crate::error::{api_error, http_error, rate_limited};
+
+pub async fn upgrade(
+    State(state): State<EdgeState>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let Ok(upgrade) = upgrade else { return not_an_upgrade() };
+    let tenant = match state.auth.tenant(&headers) {
+        Ok(tenant) => tenant,
+        Err(error) => return http_error(&error),
+    };
+    if state.draining.is_cancelled() {
+        return http_error(&api_error(503, "server_error", "server_shutting_down", "This server is shutting down; reconnect.", ""));
+    }
+    let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+        return http_error(&rate_limited("Too many open WebSocket connections on this server."));
+    };
+    let key = state.place(&tenant, &headers, None);
+    let limit = state.config.max_message_bytes;
+    // Small I/O buffers: tungstenite's 128 KiB defaults cost ~135 KB per idle connection;
+    // buffers grow when a large message passes.
+    upgrade
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| connection::run(socket, state, tenant, key, permit))
+}

@@ -1,0 +1,260 @@
+//! Shard configuration: clap arguments and the validated [`ShardConfig`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use tether_common::config::CommonArgs;
+
+use crate::engine::sim::SimConfig;
+
+#[derive(Clone, Debug, Args)]
+pub struct ShardArgs {
+    /// Address to listen on for gRPC and the operations endpoints.
+    #[arg(long, env = "TETHER_SHARD_LISTEN", default_value = "127.0.0.1:7100")]
+    pub listen: SocketAddr,
+
+    /// Address peers dial (defaults to the bound address).
+    #[arg(long, env = "TETHER_SHARD_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// Node id in membership (defaults to `shard-<port>`).
+    #[arg(long, env = "TETHER_SHARD_ID")]
+    pub id: Option<String>,
+
+    /// Total tokens the KV cache may hold across sessions (LRU beyond it).
+    #[arg(long, env = "TETHER_SHARD_CACHE_TOKENS", default_value_t = 4_000_000, help_heading = "Cache")]
+    pub cache_tokens: u64,
+
+    #[command(flatten)]
+    pub sim: SimArgs,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Which engine a shard runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// The deterministic simulated model.
+    #[default]
+    Sim,
+    /// llama.cpp with a GGUF model (needs the `llama` cargo feature).
+    Llama,
+}
+
+/// The engine choice and the llama engine's settings.
+#[derive(Clone, Debug, Args)]
+pub struct EngineArgs {
+    /// Inference engine.
+    #[arg(long, env = "TETHER_SHARD_ENGINE", value_enum, default_value_t = EngineKind::Sim, help_heading = "Engine")]
+    pub engine: EngineKind,
+
+    /// GGUF model file of the llama engine (`scripts/fetch-model.sh` fetches SmolLM2-135M).
+    #[arg(long, env = "TETHER_LLAMA_MODEL", required_if_eq("engine", "llama"), help_heading = "Engine")]
+    pub model: Option<PathBuf>,
+
+    /// Model name clients ask for (defaults to the file name up to its first dot, lowercased).
+    #[arg(long, env = "TETHER_LLAMA_MODEL_NAME", help_heading = "Engine")]
+    pub model_name: Option<String>,
+
+    /// KV cache size in tokens, shared by every session (one unified llama.cpp cache).
+    #[arg(long = "llama-context", env = "TETHER_LLAMA_CONTEXT", default_value_t = 8192, help_heading = "Engine")]
+    pub context_tokens: u32,
+
+    /// Sessions held at once (llama.cpp sequences); the least recently used is evicted beyond it.
+    #[arg(long = "llama-sequences", env = "TETHER_LLAMA_SEQUENCES", default_value_t = 16, help_heading = "Engine")]
+    pub sequences: u32,
+
+    /// CPU threads for decoding (defaults to the available cores).
+    #[arg(long = "llama-threads", env = "TETHER_LLAMA_THREADS", help_heading = "Engine")]
+    pub threads: Option<u32>,
+
+    /// Tokens per llama.cpp decode call (prefill chunk size).
+    #[arg(long = "llama-batch", env = "TETHER_LLAMA_BATCH", default_value_t = 512, help_heading = "Engine")]
+    pub batch_tokens: u32,
+
+    /// Output length when a request sets no `max_output_tokens`.
+    #[arg(long = "llama-max-output-tokens", env = "TETHER_LLAMA_MAX_OUTPUT_TOKENS", default_value_t = 512, help_heading = "Engine")]
+    pub max_output_tokens: u32,
+}
+
+impl Default for EngineArgs {
+    fn default() -> Self {
+        EngineArgs {
+            engine: EngineKind::Sim,
+            model: None,
+            model_name: None,
+            context_tokens: 8192,
+            sequences: 16,
+            threads: None,
+            batch_tokens: 512,
+            max_output_tokens: 512,
+        }
+    }
+}
+
+impl EngineArgs {
+    /// The llama engine's configuration, when the llama engine is chosen.
+    pub fn llama(&self) -> Option<LlamaConfig> {
+        if self.engine != EngineKind::Llama {
+            return None;
+        }
+        // clap requires `--model` with `--engine llama`.
+        let path = self.model.clone()?;
+        let mut config = LlamaConfig::new(path);
+        if let Some(name) = &self.model_name {
+            config.model_name = name.clone();
+        }
+        config.context_tokens = self.context_tokens.max(256);
+        config.sequences = self.sequences.clamp(1, 256);
+        if let Some(threads) = self.threads {
+            config.threads = threads.max(1);
+        }
+        config.batch_tokens = self.batch_tokens.max(32);
+        config.max_output_tokens = self.max_output_tokens.max(1);
+        Some(config)
+    }
+}
+
+/// The llama engine's settings (plain data: present whether or not the `llama` feature is built).
+#[derive(Clone, Debug)]
+pub struct LlamaConfig {
+    pub model_path: PathBuf,
+    pub model_name: String,
+    pub context_tokens: u32,
+    pub sequences: u32,
+    pub threads: u32,
+    pub batch_tokens: u32,
+    pub max_output_tokens: u32,
+}
+
+impl LlamaConfig {
+    /// Defaults for the model at `model_path`: 8192 tokens of KV cache, 16 sequences, every core.
+    pub fn new(model_path: PathBuf) -> Self {
+        LlamaConfig {
+            model_name: default_model_name(&model_path),
+            model_path,
+            context_tokens: 8192,
+            sequences: 16,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
+            batch_tokens: 512,
+            max_output_tokens: 512,
+        }
+    }
+}
+
+/// `SmolLM2-135M-Instruct.Q4_1.gguf` → `smollm2-135m-instruct`.
+pub fn default_model_name(path: &std::path::Path) -> String {
+    let file = path.file_name().and_then(|name| name.to_str()).unwrap_or("llama");
+    file.split('.').next().filter(|stem| !stem.is_empty()).unwrap_or("llama").to_lowercase()
+}
+
+/// The sim engine's cost model and output policy.
+#[derive(Clone, Debug, Args)]
+pub struct SimArgs {
+    /// Model names the sim engine answers to.
+    #[arg(long = "sim-model", env = "TETHER_SIM_MODELS", value_delimiter = ',', default_value = "tether-sim", help_heading = "Sim engine")]
+    pub models: Vec<String>,
+
+    /// Fixed time to first token.
+    #[arg(long = "sim-ttft-base", env = "TETHER_SIM_TTFT_BASE", value_parser = humantime::parse_duration, default_value = "2ms", help_heading = "Sim engine")]
+    pub ttft_base: Duration,
+
+    /// Prefill cost per uncached prompt token, in microseconds.
+    #[arg(long = "sim-prefill-us-per-token", env = "TETHER_SIM_PREFILL_US_PER_TOKEN", default_value_t = 20.0, help_heading = "Sim engine")]
+    pub prefill_us_per_token: f64,
+
+    /// Decode rate in tokens per second.
+    #[arg(long = "sim-decode-tps", env = "TETHER_SIM_DECODE_TPS", default_value_t = 1000.0, help_heading = "Sim engine")]
+    pub decode_tokens_per_second: f64,
+
+    /// Concurrent decode slots; further requests queue.
+    #[arg(long = "sim-slots", env = "TETHER_SIM_SLOTS", default_value_t = 64, help_heading = "Sim engine")]
+    pub slots: u32,
+
+    /// Length of a text answer unless the request says otherwise.
+    #[arg(long = "sim-output-tokens", env = "TETHER_SIM_OUTPUT_TOKENS", default_value_t = 32, help_heading = "Sim engine")]
+    pub output_tokens: u32,
+}
+
+impl Default for SimArgs {
+    fn default() -> Self {
+        SimArgs {
+            models: vec!["tether-sim".into()],
+            ttft_base: Duration::from_millis(2),
+            prefill_us_per_token: 20.0,
+            decode_tokens_per_second: 1000.0,
+            slots: 64,
+            output_tokens: 32,
+        }
+    }
+}
+
+impl From<SimArgs> for SimConfig {
+    fn from(args: SimArgs) -> Self {
+        SimConfig {
+            models: args.models,
+            ttft_base: args.ttft_base,
+            prefill_per_token: Duration::from_nanos((args.prefill_us_per_token * 1000.0) as u64),
+            decode_interval: Duration::from_nanos((1e9 / args.decode_tokens_per_second.max(1.0)) as u64),
+            slots: args.slots.max(1),
+            output_tokens: args.output_tokens,
+        }
+    }
+}
+
+/// The validated shard configuration.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    pub id: Option<String>,
+    pub advertise: Option<String>,
+    pub cache_tokens: u64,
+    pub sim: SimConfig,
+    /// Runs the llama engine instead of the sim when set.
+    pub llama: Option<LlamaConfig>,
+    pub shutdown_grace: Duration,
+}
+
+impl ShardConfig {
+    /// A small, fast configuration for tests.
+    pub fn for_test() -> Self {
+        ShardConfig {
+            id: None,
+            advertise: None,
+            cache_tokens: 1_000_000,
+            sim: SimArgs::default().into(),
+            llama: None,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ShardConfig {
+    /// A sim shard with default cache settings (the single-process cluster).
+    pub fn from_sim(sim: SimArgs, shutdown_grace: Duration) -> Self {
+        ShardConfig { id: None, advertise: None, cache_tokens: 4_000_000, sim: sim.into(), llama: None, shutdown_grace }
+    }
+
+    /// A shard running the engine `engine` chooses (the sim's settings apply to the sim).
+    pub fn from_engine(sim: SimArgs, engine: &EngineArgs, shutdown_grace: Duration) -> Self {
+        ShardConfig { llama: engine.llama(), ..Self::from_sim(sim, shutdown_grace) }
+    }
+}
+
+impl From<ShardArgs> for ShardConfig {
+    fn from(args: ShardArgs) -> Self {
+        ShardConfig {
+            id: args.id,
+            advertise: args.advertise,
+            cache_tokens: args.cache_tokens,
+            sim: args.sim.into(),
+            llama: args.engine.llama(),
+            shutdown_grace: args.common.shutdown_grace,
+        }
+    }
+}

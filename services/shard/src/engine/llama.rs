@@ -1,0 +1,182 @@
+//! The llama engine: real CPU inference through llama.cpp (`llama-cpp-2`) with a GGUF model.
+//!
+//! Each session is a llama.cpp sequence in one unified KV cache, so a follow-up turn decodes
+//! only its new tokens: the shard's bookkeeping (`kv_cache.rs`) says how many leading tokens
+//! are held (`Job::cached`), and the engine keeps exactly those cells and decodes the rest.
+//! When the context is full, the least recently used idle session is evicted and the shard's
+//! bookkeeping drops it too, so the worker's next turn for it gets a cache miss and resends
+//! the whole prompt. Active sessions decode together, one batched `llama_decode` per step.
+//!
+//! Tokenization and the chat template come from the model (the worker renders with
+//! [`model::ChatVocabulary`]); generation stops at the model's end-of-turn token.
+
+pub mod model;
+mod runner;
+pub mod sequences;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use serde_json::Value;
+use tether_common::discovery::BoxFuture;
+use tether_proto::shard::v1::{ToolChoice, ToolSpec};
+use tokio::sync::mpsc;
+
+use self::runner::{Command, Event, OnEvict, Runner, Submission};
+use super::{Engine, Job, Outcome, Piece};
+use crate::config::LlamaConfig;
+use crate::error::ShardError;
+
+pub struct LlamaEngine {
+    models: Vec<String>,
+    config: LlamaConfig,
+    commands: std::sync::mpsc::Sender<Command>,
+    busy: Arc<AtomicU32>,
+}
+
+impl LlamaEngine {
+    /// Loads the model and starts the engine thread. Blocks while the model loads (a few
+    /// hundred ms for SmolLM2-135M): call it off the async runtime. `on_evict` is called, on
+    /// the engine thread, with every session the engine evicts.
+    pub fn start(config: LlamaConfig, on_evict: OnEvict) -> Result<LlamaEngine, ShardError> {
+        let (commands, receiver) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let busy = Arc::new(AtomicU32::new(0));
+        let thread_config = config.clone();
+        let thread_busy = busy.clone();
+        std::thread::Builder::new()
+            .name("llama-engine".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let model = match model::load(&thread_config.model_path, false) {
+                    Ok(model) => model,
+                    Err(error) => return drop(ready_tx.send(Err(error))),
+                };
+                let ctx = match runner::context(&model, &thread_config) {
+                    Ok(ctx) => ctx,
+                    Err(error) => return drop(ready_tx.send(Err(error))),
+                };
+                tracing::info!(
+                    model = %thread_config.model_name,
+                    params = model.n_params(),
+                    context = ctx.n_ctx(),
+                    sequences = thread_config.sequences,
+                    threads = thread_config.threads,
+                    load_ms = started.elapsed().as_millis() as u64,
+                    "llama engine ready"
+                );
+                let _ = ready_tx.send(Ok(()));
+                Runner::new(&model, ctx, thread_config, thread_busy, on_evict).run(receiver);
+            })
+            .map_err(|error| ShardError::Engine(format!("spawning the engine thread: {error}")))?;
+        ready_rx
+            .recv()
+            .map_err(|_| ShardError::Engine("the engine thread died while loading".into()))??;
+        Ok(LlamaEngine {
+            models: vec![config.model_name.clone()],
+            config,
+            commands,
+            busy,
+        })
+    }
+}
+
+impl Engine for LlamaEngine {
+    fn name(&self) -> &'static str {
+        "llama"
+    }
+
+    fn models(&self) -> &[String] {
+        &self.models
+    }
+
+    fn slots(&self) -> (u32, u32) {
+        (self.config.sequences, self.busy.load(Ordering::Relaxed))
+    }
+
+    fn validate(&self, job: &Job) -> Result<(), ShardError> {
+        if !self.models.contains(&job.model) {
+            return Err(ShardError::UnknownModel(job.model.clone()));
+        }
+        if job.prompt_len > self.config.context_tokens {
+            return Err(ShardError::ContextExceeded {
+                needed: job.prompt_len,
+                capacity: self.config.context_tokens,
+            });
+        }
+        if let Some(spec) = &job.tools {
+            validate_tools(spec)?;
+        }
+        Ok(())
+    }
+
+    fn run(
+        &self,
+        job: Job,
+        out: mpsc::Sender<Piece>,
+    ) -> BoxFuture<'_, Result<Outcome, ShardError>> {
+        Box::pin(async move {
+            let (events, mut receiver) = mpsc::unbounded_channel();
+            let submission = Submission {
+                job,
+                events,
+                queued: Instant::now(),
+            };
+            self.commands
+                .send(Command::Run(Box::new(submission)))
+                .map_err(|_| ShardError::NotServing)?;
+            loop {
+                let mut piece = match receiver.recv().await {
+                    Some(Event::Piece(piece)) => piece,
+                    Some(Event::Done(result)) => return result,
+                    None => return Err(ShardError::Engine("the engine thread stopped".into())),
+                };
+                // Coalesce what is already decoded into one chunk.
+                let mut done = None;
+                while let Ok(event) = receiver.try_recv() {
+                    match event {
+                        Event::Piece(more) => {
+                            piece.ids.extend(more.ids);
+                            piece.text.push_str(&more.text);
+                        }
+                        Event::Done(result) => {
+                            done = Some(result);
+                            break;
+                        }
+                    }
+                }
+                // A closed `out` ends the job: dropping `receiver` tells the engine thread.
+                if out.send(piece).await.is_err() {
+                    return Err(ShardError::NotServing);
+                }
+                if let Some(result) = done {
+                    return result;
+                }
+            }
+        })
+    }
+
+    fn drop_session(&self, session: u64) {
+        let _ = self.commands.send(Command::Drop(session));
+    }
+}
+
+/// Checks the tool definitions the prompt carries. The model sees them in its system prompt
+/// (the worker renders them); `tool_choice` cannot force the model, and a call it does not
+/// write is never made up.
+fn validate_tools(spec: &ToolSpec) -> Result<(), ShardError> {
+    if spec.tools_json.trim().is_empty() {
+        return Ok(());
+    }
+    let tools: Vec<Value> = serde_json::from_str(&spec.tools_json)
+        .map_err(|e| ShardError::InvalidTools(e.to_string()))?;
+    if ToolChoice::try_from(spec.choice) == Ok(ToolChoice::Function)
+        && !tools
+            .iter()
+            .any(|tool| tool.get("name").and_then(Value::as_str) == Some(spec.function.as_str()))
+    {
+        return Err(ShardError::UnknownFunction(spec.function.clone()));
+    }
+    Ok(())
+}

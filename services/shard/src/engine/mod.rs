@@ -1,0 +1,69 @@
+//! The engine interface every shard engine implements, and the shared job types.
+//!
+//! The shard's gRPC layer owns the KV-cache bookkeeping and the wire; an engine turns a job
+//! (prompt length, cached length, new tokens, sampling, tools) into a stream of token pieces.
+
+#[cfg(feature = "llama")]
+pub mod llama;
+pub mod sim;
+pub mod sim_tools;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tether_common::discovery::BoxFuture;
+use tether_proto::shard::v1::{FinishReason, Sampling, ToolSpec};
+use tokio::sync::mpsc;
+
+use crate::error::ShardError;
+
+/// One turn for an engine.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The session whose KV cache the job extends (an engine that keeps per-session state,
+    /// like the llama engine's sequences, keys it by this).
+    pub session: u64,
+    pub model: String,
+    /// Tokens in the whole prompt.
+    pub prompt_len: u32,
+    /// Leading prompt tokens already in the KV cache.
+    pub cached: u32,
+    /// The prompt tokens after the cached prefix.
+    pub new_tokens: Vec<u32>,
+    /// Hash of the whole prompt: the deterministic seed of the sim engine.
+    pub prompt_hash: u64,
+    pub sampling: Sampling,
+    pub tools: Option<ToolSpec>,
+    pub hints: HashMap<String, String>,
+    pub prefill_only: bool,
+}
+
+/// Generated tokens and their text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub ids: Vec<u32>,
+    pub text: String,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub reason: FinishReason,
+    pub completion: Vec<u32>,
+    pub queue: Duration,
+    pub prefill: Duration,
+    pub decode: Duration,
+}
+
+pub trait Engine: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn models(&self) -> &[String];
+    /// Total and busy decode slots.
+    fn slots(&self) -> (u32, u32);
+    /// Rejects a job the engine cannot run, before any token is streamed.
+    fn validate(&self, job: &Job) -> Result<(), ShardError>;
+    /// Runs `job`, sending pieces as they are decoded. Stops early when `out` closes.
+    fn run(&self, job: Job, out: mpsc::Sender<Piece>) -> BoxFuture<'_, Result<Outcome, ShardError>>;
+    /// Frees whatever the engine holds for `session` (the KV cache bookkeeping dropped it).
+    fn drop_session(&self, _session: u64) {}
+}

@@ -1,0 +1,157 @@
+//! The sim engine's tool policy: whether a turn calls a function, which one, and arguments
+//! that satisfy the function's JSON schema (required properties present, with the right types).
+
+use serde_json::{Map, Value, json};
+use tether_proto::shard::v1::{ToolChoice, ToolSpec};
+
+use crate::error::ShardError;
+
+/// The engine hint: how many function calls precede the final answer under `"auto"`.
+pub const HINT_TOOL_CALLS: &str = "tether_sim_tool_calls";
+/// The engine hint: length of a text answer in tokens.
+pub const HINT_OUTPUT_TOKENS: &str = "tether_sim_output_tokens";
+
+/// A planned function call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedCall {
+    pub name: String,
+    pub arguments: Value,
+}
+
+/// Decides whether this turn calls a function. `calls_before_answer` is the `"auto"` policy.
+pub fn plan(spec: &ToolSpec, calls_before_answer: u32, seed: u64) -> Result<Option<PlannedCall>, ShardError> {
+    let tools = parse_tools(&spec.tools_json)?;
+    let choice = ToolChoice::try_from(spec.choice).unwrap_or(ToolChoice::Auto);
+    let tool = match choice {
+        ToolChoice::None => return Ok(None),
+        _ if tools.is_empty() => return Ok(None),
+        ToolChoice::Function => Some(
+            tools
+                .iter()
+                .find(|tool| tool.get("name").and_then(Value::as_str) == Some(spec.function.as_str()))
+                .ok_or_else(|| ShardError::UnknownFunction(spec.function.clone()))?,
+        ),
+        ToolChoice::Required => Some(&tools[spec.tool_outputs_seen as usize % tools.len()]),
+        ToolChoice::Auto => (spec.tool_outputs_seen < calls_before_answer)
+            .then(|| &tools[spec.tool_outputs_seen as usize % tools.len()]),
+    };
+    Ok(tool.map(|tool| PlannedCall {
+        name: tool.get("name").and_then(Value::as_str).unwrap_or_default().to_owned(),
+        arguments: tool.get("parameters").map_or_else(|| json!({}), |schema| synthesize(schema, seed, 0)),
+    }))
+}
+
+fn parse_tools(tools_json: &str) -> Result<Vec<Value>, ShardError> {
+    if tools_json.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let tools: Vec<Value> =
+        serde_json::from_str(tools_json).map_err(|e| ShardError::InvalidTools(e.to_string()))?;
+    Ok(tools
+        .into_iter()
+        .filter(|tool| tool.get("type").and_then(Value::as_str) == Some("function"))
+        .collect())
+}
+
+/// Builds a value that satisfies `schema` (the JSON Schema subset function tools use).
+pub fn synthesize(schema: &Value, seed: u64, depth: u32) -> Value {
+    if depth > 8 {
+        return Value::Null;
+    }
+    if let Some(options) = schema.get("enum").and_then(Value::as_array) {
+        if !options.is_empty() {
+            return options[(seed % options.len() as u64) as usize].clone();
+        }
+    }
+    if let Some(constant) = schema.get("const") {
+        return constant.clone();
+    }
+    for key in ["anyOf", "oneOf"] {
+        if let Some(first) = schema.get(key).and_then(Value::as_array).and_then(|v| v.first()) {
+            return synthesize(first, seed, depth + 1);
+        }
+    }
+    let kind = match schema.get("type") {
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(Value::Array(kinds)) => {
+            kinds.iter().filter_map(Value::as_str).find(|k| *k != "null").unwrap_or("null")
+        }
+        _ if schema.get("properties").is_some() => "object",
+        _ => "string",
+    };
+    match kind {
+        "object" => {
+            let mut object = Map::new();
+            if let Some(properties) = schema.get("properties").and_then(Value::as_object) {
+                for (index, (name, property)) in properties.iter().enumerate() {
+                    object.insert(name.clone(), synthesize(property, mix(seed, index as u64), depth + 1));
+                }
+            }
+            Value::Object(object)
+        }
+        "array" => {
+            let item = schema.get("items").map_or(Value::Null, |items| synthesize(items, seed, depth + 1));
+            let min = schema.get("minItems").and_then(Value::as_u64).unwrap_or(1).max(1);
+            Value::Array(vec![item; min.min(4) as usize])
+        }
+        "integer" => json!(seed % 100),
+        "number" => json!((seed % 1000) as f64 / 10.0),
+        "boolean" => json!(seed % 2 == 0),
+        "null" => Value::Null,
+        _ => json!(format!("value-{}", seed % 10_000)),
+    }
+}
+
+fn mix(seed: u64, salt: u64) -> u64 {
+    let mut z = seed ^ salt.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+    use tether_proto::shard::v1::{ToolChoice, ToolSpec};
+
+    use super::{plan, synthesize};
+
+    fn spec(choice: ToolChoice, function: &str, seen: u32) -> ToolSpec {
+        let tools = json!([
+            {"type":"function","name":"get_weather","parameters":{"type":"object",
+              "properties":{"city":{"type":"string"},"days":{"type":"integer"},
+                            "unit":{"type":"string","enum":["c","f"]},
+                            "tags":{"type":"array","items":{"type":"string"}}},
+              "required":["city","days"],"additionalProperties":false}},
+            {"type":"function","name":"run_tests","parameters":{"type":"object","properties":{}}}
+        ]);
+        ToolSpec { tools_json: tools.to_string(), choice: choice as i32, function: function.into(), tool_outputs_seen: seen }
+    }
+
+    #[test]
+    fn auto_calls_until_the_configured_count_then_answers() {
+        assert_eq!(plan(&spec(ToolChoice::Auto, "", 0), 2, 7).unwrap().unwrap().name, "get_weather");
+        assert_eq!(plan(&spec(ToolChoice::Auto, "", 1), 2, 7).unwrap().unwrap().name, "run_tests");
+        assert!(plan(&spec(ToolChoice::Auto, "", 2), 2, 7).unwrap().is_none());
+        assert!(plan(&spec(ToolChoice::None, "", 0), 2, 7).unwrap().is_none());
+        assert!(plan(&spec(ToolChoice::Required, "", 9), 0, 7).unwrap().is_some());
+    }
+
+    #[test]
+    fn forced_function_gets_schema_valid_arguments() {
+        let call = plan(&spec(ToolChoice::Function, "get_weather", 5), 0, 42).unwrap().unwrap();
+        assert_eq!(call.name, "get_weather");
+        let args = call.arguments.as_object().unwrap();
+        assert!(args["city"].is_string());
+        assert!(args["days"].is_u64());
+        assert!(["c", "f"].contains(&args["unit"].as_str().unwrap()));
+        assert!(args["tags"].as_array().unwrap().iter().all(Value::is_string));
+        assert!(plan(&spec(ToolChoice::Function, "nope", 0), 0, 1).is_err());
+    }
+
+    #[test]
+    fn synthesis_is_deterministic() {
+        let schema = json!({"type":"object","properties":{"a":{"type":"number"},"b":{"type":["null","boolean"]}}});
+        assert_eq!(synthesize(&schema, 3, 0), synthesize(&schema, 3, 0));
+        assert!(synthesize(&schema, 3, 0)["b"].is_boolean());
+    }
+}

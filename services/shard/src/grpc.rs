@@ -1,0 +1,180 @@
+//! The `tether.shard.v1.Shard` service: KV-cache bookkeeping around an [`Engine`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tether_common::ops::Readiness;
+use tether_common::tokens::PrefixHash;
+use tether_proto::shard::v1::generate_chunk::Kind;
+use tether_proto::shard::v1::shard_server::Shard;
+use tether_proto::shard::v1::{
+    CacheMiss, DropSessionRequest, DropSessionResponse, Finished, GenerateChunk, GenerateRequest,
+    InfoRequest, InfoResponse, Timings, Tokens, Usage,
+};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{Engine, Job};
+use crate::kv_cache::{KvCache, Lookup};
+use crate::metrics as m;
+
+pub struct ShardService {
+    id: String,
+    engine: Arc<dyn Engine>,
+    cache: Arc<KvCache>,
+    serving: Readiness,
+}
+
+impl ShardService {
+    pub fn new(id: String, engine: Arc<dyn Engine>, cache: Arc<KvCache>, serving: Readiness) -> Self {
+        ShardService { id, engine, cache, serving }
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
+
+fn single(chunk: GenerateChunk) -> ChunkStream {
+    Box::pin(tokio_stream::once(Ok(chunk)))
+}
+
+#[tonic::async_trait]
+impl Shard for ShardService {
+    type GenerateStream = ChunkStream;
+
+    #[tracing::instrument(skip_all, fields(session = %format_args!("{:016x}", request.get_ref().session)))]
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
+        if !self.serving.is_ready() {
+            return Err(crate::ShardError::NotServing.into());
+        }
+        let request = request.into_inner();
+        let session = request.session;
+
+        // Resolve what the KV cache already holds for this session.
+        let (cached, prompt_hash, prompt_len, new_tokens, full_prompt) = if request.full {
+            let cached = self.cache.longest_prefix(session, &request.tokens);
+            let hash = PrefixHash::of(&request.tokens);
+            let new_tokens = request.tokens[cached as usize..].to_vec();
+            (cached, hash, request.tokens.len() as u32, new_tokens, Some(request.tokens))
+        } else {
+            match self.cache.lookup_prefix(session, request.prefix_len, request.prefix_hash, &request.tokens) {
+                Lookup::Hit { cached, prompt_hash } => {
+                    let prompt_len = cached + request.tokens.len() as u32;
+                    (cached, prompt_hash, prompt_len, request.tokens, None)
+                }
+                Lookup::Miss { held } => {
+                    metrics::counter!(m::CACHE_MISSES).increment(1);
+                    tracing::debug!(held, claimed = request.prefix_len, "kv cache miss");
+                    return Ok(Response::new(single(GenerateChunk {
+                        kind: Some(Kind::CacheMiss(CacheMiss { held_len: held })),
+                    })));
+                }
+            }
+        };
+        if cached > 0 {
+            metrics::counter!(m::CACHE_HITS).increment(1);
+        }
+
+        let job = Job {
+            session,
+            model: request.model,
+            prompt_len,
+            cached,
+            new_tokens,
+            prompt_hash: prompt_hash.value(),
+            sampling: request.sampling.unwrap_or_default(),
+            tools: request.tools,
+            hints: request.hints,
+            prefill_only: request.prefill_only,
+        };
+        self.engine.validate(&job)?;
+
+        let (tx, rx) = mpsc::channel(64);
+        let engine = self.engine.clone();
+        let cache = self.cache.clone();
+        let (prefix_len, prefix_hash) = (request.prefix_len, request.prefix_hash);
+        tokio::spawn(async move {
+            let (piece_tx, mut piece_rx) = mpsc::channel::<crate::engine::Piece>(64);
+            let forward_tx = tx.clone();
+            let forward = tokio::spawn(async move {
+                while let Some(piece) = piece_rx.recv().await {
+                    let chunk = GenerateChunk { kind: Some(Kind::Tokens(Tokens { ids: piece.ids, text: piece.text })) };
+                    if forward_tx.send(Ok(chunk)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let new_tokens = job.new_tokens.clone();
+            let (uncached, cached) = (job.prompt_len - job.cached, job.cached);
+            let result = engine.run(job, piece_tx).await;
+            let _ = forward.await;
+            match result {
+                Ok(outcome) => {
+                    match full_prompt {
+                        Some(mut prompt) => {
+                            prompt.extend_from_slice(&outcome.completion);
+                            cache.replace(session, prompt);
+                        }
+                        None => cache.extend(session, prefix_len, prefix_hash, &[&new_tokens, &outcome.completion]),
+                    }
+                    metrics::counter!(m::GENERATE_TOTAL, "outcome" => "ok").increment(1);
+                    metrics::counter!(m::PREFILL_TOKENS).increment(u64::from(uncached));
+                    metrics::counter!(m::CACHED_TOKENS).increment(u64::from(cached));
+                    metrics::counter!(m::DECODE_TOKENS).increment(outcome.completion.len() as u64);
+                    metrics::histogram!(m::QUEUE_SECONDS).record(outcome.queue.as_secs_f64());
+                    metrics::histogram!(m::TTFT_SECONDS).record(outcome.prefill.as_secs_f64());
+                    let finished = Finished {
+                        reason: outcome.reason as i32,
+                        usage: Some(Usage {
+                            prompt_tokens: prompt_len,
+                            cached_tokens: cached,
+                            completion_tokens: outcome.completion.len() as u32,
+                        }),
+                        timings: Some(Timings {
+                            queue_us: outcome.queue.as_micros() as u64,
+                            prefill_us: outcome.prefill.as_micros() as u64,
+                            decode_us: outcome.decode.as_micros() as u64,
+                        }),
+                    };
+                    let _ = tx.send(Ok(GenerateChunk { kind: Some(Kind::Finished(finished)) })).await;
+                }
+                Err(crate::ShardError::SequenceLost) => {
+                    // Evicted between the lookup and the engine: the worker resends everything.
+                    metrics::counter!(m::CACHE_MISSES).increment(1);
+                    cache.drop_session(session);
+                    let _ = tx.send(Ok(GenerateChunk { kind: Some(Kind::CacheMiss(CacheMiss { held_len: 0 })) })).await;
+                }
+                Err(error) => {
+                    metrics::counter!(m::GENERATE_TOTAL, "outcome" => "error").increment(1);
+                    let _ = tx.send(Err(error.into())).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn drop_session(&self, request: Request<DropSessionRequest>) -> Result<Response<DropSessionResponse>, Status> {
+        let session = request.into_inner().session;
+        let dropped = self.cache.drop_session(session);
+        self.engine.drop_session(session);
+        Ok(Response::new(DropSessionResponse { dropped }))
+    }
+
+    async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let (slots, slots_busy) = self.engine.slots();
+        let stats = self.cache.stats();
+        Ok(Response::new(InfoResponse {
+            shard_id: self.id.clone(),
+            engine: self.engine.name().to_owned(),
+            models: self.engine.models().to_vec(),
+            slots,
+            slots_busy,
+            cache_budget_tokens: self.cache.budget(),
+            cache_tokens: stats.tokens,
+            cache_sessions: stats.sessions,
+            cache_hits: stats.hits,
+            cache_misses: stats.misses,
+        }))
+    }
+}

@@ -1,0 +1,221 @@
+//! The shard's per-session KV cache bookkeeping: for each session the token sequence whose
+//! keys and values the engine holds, and its running prefix hash. Bounded by a total token
+//! budget; the least recently used sessions are evicted first.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use lru::LruCache;
+use parking_lot::Mutex;
+use tether_common::tokens::PrefixHash;
+
+struct Entry {
+    tokens: Vec<u32>,
+    hash: PrefixHash,
+}
+
+/// What a turn starts from.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// The claimed prefix is held: prefill only the new tokens.
+    Hit { cached: u32, prompt_hash: PrefixHash },
+    /// The claimed prefix is not held (evicted, never seen, or diverged).
+    Miss { held: u32 },
+}
+
+pub struct KvCache {
+    entries: Mutex<LruCache<u64, Entry>>,
+    budget: u64,
+    held: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CacheStats {
+    pub sessions: u32,
+    pub tokens: u64,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl KvCache {
+    pub fn new(budget_tokens: u64) -> Self {
+        KvCache {
+            entries: Mutex::new(LruCache::unbounded()),
+            budget: budget_tokens,
+            held: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Checks that `session` holds a prefix of `prefix_len` tokens hashing to `prefix_hash`,
+    /// and returns the hash of the prompt once `new_tokens` follow it.
+    pub fn lookup_prefix(&self, session: u64, prefix_len: u32, prefix_hash: u64, new_tokens: &[u32]) -> Lookup {
+        let mut entries = self.entries.lock();
+        let result = match entries.get(&session) {
+            Some(entry) if entry.tokens.len() >= prefix_len as usize => {
+                let hash = if entry.tokens.len() == prefix_len as usize {
+                    entry.hash
+                } else {
+                    // A fork from an earlier point of the session: rehash that prefix.
+                    PrefixHash::of(&entry.tokens[..prefix_len as usize])
+                };
+                if hash.value() == prefix_hash {
+                    let mut prompt_hash = hash;
+                    prompt_hash.extend(new_tokens);
+                    Lookup::Hit { cached: prefix_len, prompt_hash }
+                } else {
+                    Lookup::Miss { held: entry.tokens.len() as u32 }
+                }
+            }
+            Some(entry) => Lookup::Miss { held: entry.tokens.len() as u32 },
+            None if prefix_len == 0 => {
+                let mut prompt_hash = PrefixHash::default();
+                prompt_hash.extend(new_tokens);
+                Lookup::Hit { cached: 0, prompt_hash }
+            }
+            None => Lookup::Miss { held: 0 },
+        };
+        match result {
+            Lookup::Hit { .. } => self.hits.fetch_add(1, Ordering::Relaxed),
+            Lookup::Miss { .. } => self.misses.fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+
+    /// Returns how many leading tokens of `prompt` the session holds (the stateless path).
+    pub fn longest_prefix(&self, session: u64, prompt: &[u32]) -> u32 {
+        let mut entries = self.entries.lock();
+        let matched = entries.get(&session).map_or(0, |entry| {
+            entry.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count()
+        });
+        if matched > 0 {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        matched as u32
+    }
+
+    /// Records that `session` now holds its `prefix_len` prefix followed by `appended`
+    /// (the new prompt tokens and the generated ones). If the session changed meanwhile
+    /// (a concurrent turn), the entry is dropped: the next turn resends, never misuses.
+    pub fn extend(&self, session: u64, prefix_len: u32, prefix_hash: u64, appended: &[&[u32]]) {
+        let mut entries = self.entries.lock();
+        let Some(entry) = entries.get_mut(&session) else {
+            if prefix_len == 0 {
+                drop(entries);
+                self.replace(session, appended.concat());
+            }
+            return;
+        };
+        if entry.tokens.len() == prefix_len as usize && entry.hash.value() == prefix_hash {
+            for part in appended {
+                entry.tokens.extend_from_slice(part);
+                entry.hash.extend(part);
+                self.held.fetch_add(part.len() as u64, Ordering::Relaxed);
+            }
+            drop(entries);
+            self.evict_over_budget();
+        } else if let Some(entry) = entries.pop(&session) {
+            self.held.fetch_sub(entry.tokens.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Replaces what `session` holds with `tokens` (after a full prefill).
+    pub fn replace(&self, session: u64, tokens: Vec<u32>) {
+        let entry = Entry { hash: PrefixHash::of(&tokens), tokens };
+        let added = entry.tokens.len() as u64;
+        {
+            let mut entries = self.entries.lock();
+            if let Some(old) = entries.put(session, entry) {
+                self.held.fetch_sub(old.tokens.len() as u64, Ordering::Relaxed);
+            }
+            self.held.fetch_add(added, Ordering::Relaxed);
+        }
+        self.evict_over_budget();
+    }
+
+    pub fn drop_session(&self, session: u64) -> bool {
+        let removed = self.entries.lock().pop(&session);
+        if let Some(entry) = &removed {
+            self.held.fetch_sub(entry.tokens.len() as u64, Ordering::Relaxed);
+        }
+        removed.is_some()
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            sessions: self.entries.lock().len() as u32,
+            tokens: self.held.load(Ordering::Relaxed),
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+        }
+    }
+
+    fn evict_over_budget(&self) {
+        let mut entries = self.entries.lock();
+        while self.held.load(Ordering::Relaxed) > self.budget {
+            match entries.pop_lru() {
+                Some((_, entry)) => {
+                    self.held.fetch_sub(entry.tokens.len() as u64, Ordering::Relaxed);
+                    metrics::counter!(crate::metrics::CACHE_EVICTIONS).increment(1);
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tether_common::tokens::PrefixHash;
+
+    use super::{KvCache, Lookup};
+
+    #[test]
+    fn follow_up_hits_and_a_wrong_hash_misses() {
+        let cache = KvCache::new(1_000);
+        let first: Vec<u32> = (0..10).collect();
+        assert_eq!(cache.longest_prefix(1, &first), 0);
+        cache.replace(1, first.clone());
+        let hash = PrefixHash::of(&first).value();
+        match cache.lookup_prefix(1, 10, hash, &[10, 11]) {
+            Lookup::Hit { cached, prompt_hash } => {
+                assert_eq!(cached, 10);
+                assert_eq!(prompt_hash, PrefixHash::of(&(0..12).collect::<Vec<_>>()));
+            }
+            miss => panic!("expected a hit, got {miss:?}"),
+        }
+        assert_eq!(cache.lookup_prefix(1, 10, hash ^ 1, &[10]), Lookup::Miss { held: 10 });
+        assert_eq!(cache.lookup_prefix(1, 11, hash, &[10]), Lookup::Miss { held: 10 });
+        assert_eq!(cache.lookup_prefix(2, 3, hash, &[10]), Lookup::Miss { held: 0 });
+
+        cache.extend(1, 10, hash, &[&[10, 11], &[12]]);
+        assert_eq!(cache.stats().tokens, 13);
+        let all: Vec<u32> = (0..13).collect();
+        assert_eq!(cache.longest_prefix(1, &all), 13);
+        // A fork from an earlier prefix still hits.
+        let fork_hash = PrefixHash::of(&all[..5]).value();
+        assert!(matches!(cache.lookup_prefix(1, 5, fork_hash, &[99]), Lookup::Hit { cached: 5, .. }));
+    }
+
+    #[test]
+    fn budget_evicts_least_recently_used_sessions() {
+        let cache = KvCache::new(100);
+        cache.replace(1, vec![1; 60]);
+        cache.replace(2, vec![2; 30]);
+        assert_eq!(cache.longest_prefix(1, &[1]), 1); // touch 1
+        cache.replace(3, vec![3; 30]);
+        assert_eq!(cache.longest_prefix(2, &[2]), 0, "session 2 was least recently used");
+        assert_eq!(cache.longest_prefix(1, &[1]), 1);
+        assert!(cache.stats().tokens <= 100);
+        assert!(cache.drop_session(3));
+        assert_eq!(cache.stats().tokens, 60);
+    }
+}

@@ -1,0 +1,87 @@
+//! `serve()`: register, serve gRPC and the operations endpoints, drain on shutdown.
+
+use std::sync::Arc;
+
+use tether_common::discovery::{Discovery, Member, NodeKind, membership};
+use tether_common::ops::{self, Readiness};
+use tether_common::serve::serve_router;
+use tether_proto::shard::v1::shard_server::ShardServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ShardConfig;
+use crate::engine::Engine;
+use crate::engine::sim::SimEngine;
+use crate::error::ShardError;
+use crate::grpc::ShardService;
+use crate::kv_cache::KvCache;
+
+/// Serves a shard on `listener` until `shutdown`, registered in `discovery`.
+pub async fn serve(
+    config: ShardConfig,
+    listener: TcpListener,
+    discovery: Arc<dyn Discovery>,
+    shutdown: CancellationToken,
+) -> Result<(), ShardError> {
+    // Install the recorder now: metrics recorded before the first scrape must count.
+    tether_common::telemetry::prometheus();
+    crate::metrics::describe();
+    let local = listener.local_addr()?;
+    let id = config.id.clone().unwrap_or_else(|| format!("shard-{}", local.port()));
+    let addr = config.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
+    let (engine, cache) = build_engine(&config).await?;
+    let serving = Readiness::default();
+
+    let service = ShardService::new(id.clone(), engine, cache, serving.clone());
+    let router = tonic::service::Routes::new(ShardServer::new(service))
+        .into_axum_router()
+        .merge(ops::router(serving.clone()));
+
+    let stop_serving = CancellationToken::new();
+    let server = tokio::spawn(serve_router(listener, router, stop_serving.clone()));
+    let member = Member { id: id.clone(), addr: addr.clone() };
+    // A lost lease fences the shard (no generation) until it is registered again.
+    let Some(registration) = membership::hold(discovery.as_ref(), NodeKind::Shard, &member, &serving, &shutdown, || {}).await
+    else {
+        serving.set(false);
+        stop_serving.cancel();
+        return Ok(());
+    };
+    // Deregister first so workers stop routing here, then stop accepting and drain.
+    serving.set(false);
+    registration.revoke().await;
+    stop_serving.cancel();
+    match tokio::time::timeout(config.shutdown_grace, server).await {
+        Ok(Ok(result)) => result.map_err(ShardError::Io),
+        Ok(Err(join)) => Err(ShardError::Io(std::io::Error::other(join))),
+        Err(_) => Err(ShardError::ShutdownDeadline),
+    }
+}
+
+/// Builds the configured engine and the KV-cache bookkeeping in front of it.
+async fn build_engine(config: &ShardConfig) -> Result<(Arc<dyn Engine>, Arc<KvCache>), ShardError> {
+    let Some(llama) = config.llama.clone() else {
+        return Ok((Arc::new(SimEngine::new(config.sim.clone())), Arc::new(KvCache::new(config.cache_tokens))));
+    };
+    #[cfg(feature = "llama")]
+    {
+        // The llama engine holds at most its context: the bookkeeping's budget says the same,
+        // and a session the engine evicts is dropped from the bookkeeping too.
+        let cache = Arc::new(KvCache::new(u64::from(llama.context_tokens)));
+        let evicted = cache.clone();
+        let on_evict = Box::new(move |session: u64| {
+            evicted.drop_session(session);
+        });
+        let engine = tokio::task::spawn_blocking(move || crate::engine::llama::LlamaEngine::start(llama, on_evict))
+            .await
+            .map_err(|join| ShardError::Engine(join.to_string()))??;
+        Ok((Arc::new(engine), cache))
+    }
+    #[cfg(not(feature = "llama"))]
+    {
+        Err(ShardError::Engine(format!(
+            "--engine llama (model {}): this build has no llama engine; rebuild with `--features llama`",
+            llama.model_path.display()
+        )))
+    }
+}

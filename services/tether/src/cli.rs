@@ -1,0 +1,114 @@
+//! Subcommands and their mapping to the services' `serve()` functions.
+
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tether_common::discovery::Discovery;
+use tether_common::discovery::fixed::FixedDiscovery;
+use tether_common::serve::bind;
+use tether_common::shutdown;
+use tether_common::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(name = "tether", version, about = "A distributed, stateful inference router for agent loops")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the Responses API (HTTP, SSE and WebSocket) and route sessions to workers.
+    Edge(tether_edge::EdgeArgs),
+    /// Hold sessions and run the per-turn pipeline.
+    Worker(tether_worker::WorkerArgs),
+    /// Run an inference engine with a per-session KV cache.
+    Shard(tether_shard::ShardArgs),
+    /// Run a whole cluster in this process: edge, 3 workers, 2 sim shards.
+    Dev(crate::dev::DevArgs),
+}
+
+impl Command {
+    pub fn log_format(&self) -> LogFormat {
+        match self {
+            Command::Edge(args) => args.common.log_format,
+            Command::Worker(args) => args.common.log_format,
+            Command::Shard(args) => args.common.log_format,
+            Command::Dev(args) => args.log_format,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("could not listen: {0}")]
+    Bind(std::io::Error),
+    #[error("shutdown deadline exceeded")]
+    ShutdownDeadline,
+    #[error("{0}")]
+    Service(String),
+}
+
+pub fn exit_code(error: &CliError) -> u8 {
+    match error {
+        CliError::Config(_) => 64,
+        CliError::ShutdownDeadline => 70,
+        CliError::Bind(_) | CliError::Service(_) => 1,
+    }
+}
+
+/// Chooses membership: etcd when `--etcd` endpoints are given, else the fixed peer lists.
+async fn discovery(common: &tether_common::config::CommonArgs) -> Result<Arc<dyn Discovery>, CliError> {
+    let membership = &common.membership;
+    if membership.etcd_endpoints.is_empty() {
+        return Ok(Arc::new(FixedDiscovery::new(membership.workers.clone(), membership.shards.clone())));
+    }
+    #[cfg(feature = "etcd")]
+    {
+        let (endpoints, cluster, ttl) = (&membership.etcd_endpoints, &membership.cluster, membership.lease_ttl);
+        let etcd = tether_common::discovery::etcd::EtcdDiscovery::connect(endpoints, cluster, ttl)
+            .await
+            .map_err(|e| CliError::Config(e.to_string()))?;
+        tracing::info!(?endpoints, cluster, lease_ttl = ?ttl, "membership in etcd");
+        Ok(Arc::new(etcd))
+    }
+    #[cfg(not(feature = "etcd"))]
+    Err(CliError::Config("--etcd given, but this binary was built without the `etcd` feature".into()))
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let shutdown = shutdown::signal();
+    match cli.command {
+        Command::Edge(args) => {
+            let discovery = discovery(&args.common).await?;
+            let listener = bind(args.listen).await.map_err(CliError::Bind)?;
+            let config = tether_edge::EdgeConfig::try_from(args).map_err(|e| CliError::Config(e.to_string()))?;
+            tracing::info!(addr = %listener.local_addr().map_err(CliError::Bind)?, "edge listening");
+            tether_edge::serve(config, listener, discovery, shutdown).await.map_err(|e| match e {
+                tether_edge::EdgeError::ShutdownDeadline => CliError::ShutdownDeadline,
+                other => CliError::Service(other.to_string()),
+            })
+        }
+        Command::Worker(args) => {
+            let discovery = discovery(&args.common).await?;
+            let listener = bind(args.listen).await.map_err(CliError::Bind)?;
+            tracing::info!(addr = %listener.local_addr().map_err(CliError::Bind)?, "worker listening");
+            tether_worker::serve(args.into(), listener, discovery, shutdown).await.map_err(|e| match e {
+                tether_worker::WorkerError::ShutdownDeadline => CliError::ShutdownDeadline,
+                other => CliError::Service(other.to_string()),
+            })
+        }
+        Command::Shard(args) => {
+            let discovery = discovery(&args.common).await?;
+            let listener = bind(args.listen).await.map_err(CliError::Bind)?;
+            tracing::info!(addr = %listener.local_addr().map_err(CliError::Bind)?, "shard listening");
+            tether_shard::serve(args.into(), listener, discovery, shutdown).await.map_err(|e| match e {
+                tether_shard::ShardError::ShutdownDeadline => CliError::ShutdownDeadline,
+                other => CliError::Service(other.to_string()),
+            })
+        }
+        Command::Dev(args) => crate::dev::run(args, shutdown).await,
+    }
+}

@@ -1,0 +1,104 @@
+//! `tether dev`: the embedded single-process cluster (edge, 3 workers, 2 sim shards) with
+//! in-memory membership. Only the edge's port faces clients; workers and shards listen on
+//! ephemeral loopback ports and talk real gRPC.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use tether_common::discovery::Discovery;
+use tether_common::discovery::memory::MemoryDiscovery;
+use tether_common::serve::bind;
+use tether_common::telemetry::LogFormat;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::CliError;
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Address of the Responses API (`:0` picks a free port; the chosen one is printed).
+    #[arg(long, env = "TETHER_DEV_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Number of workers.
+    #[arg(long, env = "TETHER_DEV_WORKERS", default_value_t = 3)]
+    pub workers: usize,
+
+    /// Number of sim shards.
+    #[arg(long, env = "TETHER_DEV_SHARDS", default_value_t = 2)]
+    pub shards: usize,
+
+    #[command(flatten)]
+    pub limits: tether_edge::config::EdgeLimitArgs,
+
+    #[command(flatten)]
+    pub sim: tether_shard::config::SimArgs,
+
+    /// `--engine llama --model PATH` runs the shards on a real model (use `--shards 1`).
+    #[command(flatten)]
+    pub engine: tether_shard::config::EngineArgs,
+
+    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+
+    /// One deadline for a graceful shutdown.
+    #[arg(long, env = "TETHER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
+}
+
+pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliError> {
+    if let Some(llama) = args.engine.llama().filter(|llama| !llama.model_path.is_file()) {
+        // Fail before serving: nodes that fail later would leave the edge up with no shard.
+        return Err(CliError::Config(format!("--model {}: no such file (scripts/fetch-model.sh)", llama.model_path.display())));
+    }
+    let discovery: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::new());
+    let internal = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let mut nodes = JoinSet::new();
+    for index in 0..args.shards {
+        let listener = bind(internal).await.map_err(CliError::Bind)?;
+        let mut config = tether_shard::ShardConfig::from_engine(args.sim.clone(), &args.engine, args.shutdown_grace);
+        config.id = Some(format!("shard-{index}"));
+        if let (Some(llama), None) = (config.llama.as_mut(), args.engine.threads) {
+            llama.threads = (llama.threads / args.shards.max(1) as u32).max(1); // share the cores
+        }
+        let (discovery, shutdown) = (discovery.clone(), shutdown.clone());
+        nodes.spawn(async move { tether_shard::serve(config, listener, discovery, shutdown).await.map_err(|e| e.to_string()) });
+    }
+    for index in 0..args.workers {
+        let listener = bind(internal).await.map_err(CliError::Bind)?;
+        let mut config = tether_worker::WorkerConfig::for_test();
+        config.id = Some(format!("worker-{index}"));
+        config.shutdown_grace = args.shutdown_grace;
+        if let Some(llama) = args.engine.llama() {
+            config.default_model = llama.model_name.clone();
+            config.llama_models = vec![(llama.model_name, llama.model_path)];
+        }
+        let (discovery, shutdown) = (discovery.clone(), shutdown.clone());
+        nodes.spawn(async move { tether_worker::serve(config, listener, discovery, shutdown).await.map_err(|e| e.to_string()) });
+    }
+    let edge_config = tether_edge::EdgeConfig::from_limits(args.limits, args.shutdown_grace, tether_edge::config::AuthMode::Open)
+        .map_err(|e| CliError::Config(e.to_string()))?;
+    let listener = bind(args.listen).await.map_err(CliError::Bind)?;
+    let addr = listener.local_addr().map_err(CliError::Bind)?;
+    tracing::info!(%addr, workers = args.workers, shards = args.shards, "tether dev listening");
+    // A stable line on stdout for scripts and tests to find the port.
+    println!("tether listening on http://{addr}");
+    let _ = std::io::stdout().flush();
+    let edge = tether_edge::serve(edge_config, listener, discovery, shutdown.clone());
+    let edge_result = edge.await;
+    let mut failures = Vec::new();
+    while let Some(result) = nodes.join_next().await {
+        if let Ok(Err(error)) = result {
+            failures.push(error);
+        }
+    }
+    match edge_result {
+        Err(tether_edge::EdgeError::ShutdownDeadline) => Err(CliError::ShutdownDeadline),
+        Err(error) => Err(CliError::Service(error.to_string())),
+        Ok(()) if failures.is_empty() => Ok(()),
+        Ok(()) => Err(CliError::Service(failures.join("; "))),
+    }
+}

@@ -1,0 +1,22 @@
+//! The tether binary: `tether edge|worker|shard|dev`. Parsing, telemetry and one library
+//! call per subcommand; exit codes 64 (bad usage or config), 70 (shutdown deadline), 1.
+
+mod cli;
+mod dev;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    tether_common::telemetry::init(args.command.log_format());
+    match cli::run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "tether exited with an error");
+            ExitCode::from(cli::exit_code(&error))
+        }
+    }
+}

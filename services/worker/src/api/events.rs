@@ -1,0 +1,118 @@
+//! Serializing Responses API events once, on the worker, and sending them to the edge.
+//!
+//! Every event gets the response's next `sequence_number` and, on a named lane, its
+//! `stream_id`. Text deltas are coalesced when the edge (the client) reads slower than the
+//! model writes: a delta waits while the outgoing queue is full and later text joins it.
+
+use serde_json::{Map, Value};
+use tether_proto::worker::v1::{Event, FinalResponse, TurnEvent, turn_event};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+pub type TurnSink = mpsc::Sender<Result<TurnEvent, Status>>;
+
+/// The client went away: stop producing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
+
+struct PendingDelta {
+    item_id: String,
+    output_index: u32,
+    text: String,
+}
+
+pub struct Emitter {
+    sink: TurnSink,
+    sequence: u32,
+    stream_id: Option<String>,
+    /// Only the final response is wanted (non-streaming HTTP): skip intermediate events.
+    final_only: bool,
+    pending: Option<PendingDelta>,
+    sent_any: bool,
+}
+
+impl Emitter {
+    pub fn new(sink: TurnSink, stream_id: Option<String>, final_only: bool) -> Self {
+        Emitter { sink, sequence: 0, stream_id, final_only, pending: None, sent_any: false }
+    }
+
+    /// Whether any event of this response has been sent (after that, failures are events).
+    pub fn started(&self) -> bool {
+        self.sent_any
+    }
+
+    fn serialize(&mut self, event_type: &str, fields: Map<String, Value>) -> Vec<u8> {
+        let mut object = Map::with_capacity(fields.len() + 3);
+        object.insert("type".into(), Value::String(event_type.into()));
+        object.insert("sequence_number".into(), Value::from(self.sequence));
+        if let Some(stream_id) = &self.stream_id {
+            object.insert("stream_id".into(), Value::String(stream_id.clone()));
+        }
+        object.extend(fields);
+        self.sequence += 1;
+        serde_json::to_vec(&Value::Object(object)).expect("events serialize")
+    }
+
+    async fn send(&mut self, event: turn_event::Kind) -> Result<(), Closed> {
+        self.sent_any = true;
+        self.sink.send(Ok(TurnEvent { kind: Some(event) })).await.map_err(|_| Closed)
+    }
+
+    /// Sends one event (after any pending delta).
+    pub async fn emit(&mut self, event_type: &str, fields: Value) -> Result<(), Closed> {
+        self.flush().await?;
+        if self.final_only {
+            return Ok(());
+        }
+        let Value::Object(fields) = fields else { unreachable!("event fields are an object") };
+        let json = self.serialize(event_type, fields);
+        self.send(turn_event::Kind::Event(Event { event_type: event_type.into(), json, terminal: false })).await
+    }
+
+    /// Sends the terminal event; in final-only mode, the Response object with `status`.
+    pub async fn terminal(&mut self, event_type: &str, response: Value, http_status: u32) -> Result<(), Closed> {
+        self.flush().await?;
+        if self.final_only {
+            let json = serde_json::to_vec(&response).expect("responses serialize");
+            return self.send(turn_event::Kind::Final(FinalResponse { status: http_status, json })).await;
+        }
+        let mut fields = Map::new();
+        fields.insert("response".into(), response);
+        let json = self.serialize(event_type, fields);
+        self.send(turn_event::Kind::Event(Event { event_type: event_type.into(), json, terminal: true })).await
+    }
+
+    /// Queues a text delta, sending it at once unless the outgoing queue is full.
+    pub async fn text_delta(&mut self, item_id: &str, output_index: u32, delta: &str) -> Result<(), Closed> {
+        if self.final_only || delta.is_empty() {
+            return Ok(());
+        }
+        match &mut self.pending {
+            Some(pending) if pending.item_id == item_id => pending.text.push_str(delta),
+            _ => {
+                self.flush().await?;
+                self.pending = Some(PendingDelta { item_id: item_id.into(), output_index, text: delta.into() });
+            }
+        }
+        if self.sink.capacity() > 0 {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the pending delta, if any.
+    pub async fn flush(&mut self) -> Result<(), Closed> {
+        let Some(pending) = self.pending.take() else { return Ok(()) };
+        let fields = serde_json::json!({
+            "item_id": pending.item_id,
+            "output_index": pending.output_index,
+            "content_index": 0,
+            "delta": pending.text,
+            "logprobs": [],
+        });
+        let Value::Object(fields) = fields else { unreachable!() };
+        let json = self.serialize("response.output_text.delta", fields);
+        let event = Event { event_type: "response.output_text.delta".into(), json, terminal: false };
+        self.send(turn_event::Kind::Event(event)).await
+    }
+}

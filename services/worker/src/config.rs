@@ -1,0 +1,115 @@
+//! Worker configuration: clap arguments and the validated [`WorkerConfig`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use tether_common::config::CommonArgs;
+
+use crate::replication::ReplicationMode;
+use crate::session::CacheLimits;
+
+#[derive(Clone, Debug, Args)]
+pub struct WorkerArgs {
+    /// Address to listen on for gRPC and the operations endpoints.
+    #[arg(long, env = "TETHER_WORKER_LISTEN", default_value = "127.0.0.1:7000")]
+    pub listen: SocketAddr,
+
+    /// Address peers dial (defaults to the bound address).
+    #[arg(long, env = "TETHER_WORKER_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// Node id in membership (defaults to `worker-<port>`).
+    #[arg(long, env = "TETHER_WORKER_ID")]
+    pub id: Option<String>,
+
+    /// Memory bound of the session cache, in bytes.
+    #[arg(long, env = "TETHER_WORKER_CACHE_BYTES", default_value_t = 1 << 30, help_heading = "Session cache")]
+    pub cache_bytes: usize,
+
+    /// Entry bound of the session cache.
+    #[arg(long, env = "TETHER_WORKER_CACHE_ENTRIES", default_value_t = 1_000_000, help_heading = "Session cache")]
+    pub cache_entries: usize,
+
+    /// How long a response's state stays resolvable.
+    #[arg(long, env = "TETHER_WORKER_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "1h", help_heading = "Session cache")]
+    pub cache_ttl: Duration,
+
+    /// Model used when a request names none.
+    #[arg(long, env = "TETHER_WORKER_DEFAULT_MODEL", default_value = "tether-sim")]
+    pub default_model: String,
+
+    /// When completed store=true responses are copied to their ring successor.
+    #[arg(long, env = "TETHER_WORKER_REPLICATION", value_enum, default_value_t = ReplicationMode::Sync)]
+    pub replication: ReplicationMode,
+
+    /// Extra safety patterns, `category=phrase` (repeatable).
+    #[arg(long = "safety-pattern", env = "TETHER_WORKER_SAFETY_PATTERNS", value_delimiter = ';', value_parser = parse_pattern)]
+    pub safety_patterns: Vec<(String, String)>,
+
+    /// A model served by llama shards, `NAME=PATH` to its GGUF file (repeatable): prompts for
+    /// it are rendered with the model's own vocabulary and chat template.
+    #[arg(long = "llama-model", env = "TETHER_WORKER_LLAMA_MODELS", value_delimiter = ';', value_parser = parse_llama_model)]
+    pub llama_models: Vec<(String, PathBuf)>,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+fn parse_llama_model(text: &str) -> Result<(String, PathBuf), String> {
+    match text.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok((name.into(), path.into())),
+        _ => Err(format!("expected NAME=PATH, got {text:?}")),
+    }
+}
+
+fn parse_pattern(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((category, phrase)) if !category.is_empty() && !phrase.is_empty() => Ok((category.into(), phrase.into())),
+        _ => Err(format!("expected category=phrase, got {text:?}")),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub id: Option<String>,
+    pub advertise: Option<String>,
+    pub cache: CacheLimits,
+    pub default_model: String,
+    pub safety_patterns: Vec<(String, String)>,
+    pub replication: ReplicationMode,
+    /// Models served by llama shards and their GGUF files.
+    pub llama_models: Vec<(String, PathBuf)>,
+    pub shutdown_grace: Duration,
+}
+
+impl WorkerConfig {
+    pub fn for_test() -> Self {
+        WorkerConfig {
+            id: None,
+            advertise: None,
+            cache: CacheLimits { max_bytes: 256 << 20, max_entries: 100_000, ttl: Duration::from_secs(3600) },
+            default_model: "tether-sim".into(),
+            safety_patterns: Vec::new(),
+            replication: ReplicationMode::Sync,
+            llama_models: Vec::new(),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl From<WorkerArgs> for WorkerConfig {
+    fn from(args: WorkerArgs) -> Self {
+        WorkerConfig {
+            id: args.id,
+            advertise: args.advertise,
+            cache: CacheLimits { max_bytes: args.cache_bytes, max_entries: args.cache_entries, ttl: args.cache_ttl },
+            default_model: args.default_model,
+            safety_patterns: args.safety_patterns,
+            replication: args.replication,
+            llama_models: args.llama_models,
+            shutdown_grace: args.common.shutdown_grace,
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Worker errors, classified once, and their Responses API error shape.
+
+use tether_common::ErrorClass;
+use tether_proto::worker::v1::ApiError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{message}")]
+    InvalidRequest { param: String, message: String, code: Option<&'static str> },
+    #[error("Previous response with id '{0}' not found.")]
+    PreviousResponseNotFound(String),
+    #[error("Response with id '{0}' not found.")]
+    ResponseNotFound(String),
+    #[error("The model '{0}' does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    #[error("The input was flagged by the safety classifier (category: {0}).")]
+    Flagged(String),
+    #[error("no shard is available")]
+    NoShard,
+    #[error("shard failed: {0}")]
+    Shard(tonic::Status),
+    #[error("worker is not serving (draining or fenced)")]
+    NotServing,
+    #[error("registration failed: {0}")]
+    Discovery(#[from] tether_common::discovery::DiscoveryError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("shutdown deadline exceeded")]
+    ShutdownDeadline,
+}
+
+impl WorkerError {
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        WorkerError::InvalidRequest { param: param.into(), message: message.into(), code: None }
+    }
+
+    pub fn invalid_with_code(param: impl Into<String>, message: impl Into<String>, code: &'static str) -> Self {
+        WorkerError::InvalidRequest { param: param.into(), message: message.into(), code: Some(code) }
+    }
+
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            WorkerError::InvalidRequest { .. }
+            | WorkerError::PreviousResponseNotFound(_)
+            | WorkerError::ModelNotFound(_)
+            | WorkerError::Flagged(_) => ErrorClass::InvalidRequest,
+            WorkerError::ResponseNotFound(_) => ErrorClass::NotFound,
+            WorkerError::NoShard => ErrorClass::ShardUnavailable,
+            WorkerError::Shard(status) => match ErrorClass::from_status(status) {
+                ErrorClass::Unavailable => ErrorClass::ShardUnavailable,
+                class => class,
+            },
+            WorkerError::NotServing | WorkerError::Discovery(_) => ErrorClass::Unavailable,
+            WorkerError::Io(_) | WorkerError::ShutdownDeadline => ErrorClass::Internal,
+        }
+    }
+
+    /// The error in the protocol's shape (status, type, code, message, param).
+    pub fn api_error(&self) -> ApiError {
+        let class = self.class();
+        let (kind, code, param) = match self {
+            WorkerError::InvalidRequest { param, code, .. } => {
+                ("invalid_request_error", code.unwrap_or("invalid_request"), param.as_str())
+            }
+            WorkerError::PreviousResponseNotFound(_) => {
+                ("invalid_request_error", "previous_response_not_found", "previous_response_id")
+            }
+            WorkerError::ResponseNotFound(_) => ("invalid_request_error", "not_found", ""),
+            WorkerError::ModelNotFound(_) => ("invalid_request_error", "model_not_found", "model"),
+            WorkerError::Flagged(_) => ("invalid_request_error", "invalid_prompt", "input"),
+            _ if class == ErrorClass::Overloaded => ("rate_limit_error", "rate_limit_exceeded", ""),
+            _ => ("server_error", "server_error", ""),
+        };
+        // Internal failures keep their detail in the logs, not in the client's message.
+        let message = match class {
+            ErrorClass::Internal => "The server had an error while processing your request.".to_owned(),
+            ErrorClass::ShardUnavailable | ErrorClass::Unavailable => {
+                "The model backend is unavailable. Retry the request.".to_owned()
+            }
+            _ => self.to_string(),
+        };
+        ApiError {
+            status: u32::from(class.http_status().as_u16()),
+            r#type: kind.to_owned(),
+            code: code.to_owned(),
+            message,
+            param: param.to_owned(),
+        }
+    }
+}
+
+impl From<WorkerError> for tonic::Status {
+    fn from(error: WorkerError) -> Self {
+        tonic::Status::new(error.class().grpc_code(), error.to_string())
+    }
+}

@@ -1,0 +1,125 @@
+//! The `tether.worker.v1.Worker` service.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tether_proto::worker::v1::worker_server::Worker;
+use tether_proto::worker::v1::{
+    FetchStateRequest, FetchStateResponse, ListModelsRequest, ListModelsResponse, ReleaseConnectionRequest,
+    ReplicateRequest, ReplicateResponse, ReleaseConnectionResponse, ResponseBody,
+    ResponseRef, TurnEvent, TurnRequest, response_body,
+};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::WorkerError;
+use crate::pipeline::{WorkerContext, run_turn};
+use crate::replication;
+use crate::session::convert::to_proto;
+
+pub struct WorkerService {
+    ctx: Arc<WorkerContext>,
+}
+
+impl WorkerService {
+    pub fn new(ctx: Arc<WorkerContext>) -> Self {
+        WorkerService { ctx }
+    }
+
+    /// Returns a stored response, pulling it from the previous owner or the replica holder
+    /// when it moved here with its key (a forwarded, local-only request never pulls).
+    async fn stored(&self, reference: &ResponseRef) -> Option<Arc<crate::session::ResponseState>> {
+        let tenant = &reference.tenant;
+        let id = &reference.response_id;
+        let local = self.ctx.cache.get(tenant, id);
+        let state = match (local, reference.local_only) {
+            (Some(state), _) => Some(state),
+            (None, true) => None,
+            (None, false) => {
+                let key = tether_common::ResponseId::parse(id)?.session_key().0;
+                replication::pull(&self.ctx, tenant, id, key).await
+            }
+        };
+        state.filter(|state| state.store)
+    }
+}
+
+fn not_found(id: &str) -> ResponseBody {
+    ResponseBody { kind: Some(response_body::Kind::Error(WorkerError::ResponseNotFound(id.to_owned()).api_error())) }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<TurnEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    type TurnStream = EventStream;
+
+    async fn turn(&self, request: Request<TurnRequest>) -> Result<Response<EventStream>, Status> {
+        if !self.ctx.serving.is_ready() {
+            return Err(WorkerError::NotServing.into());
+        }
+        let (tx, rx) = mpsc::channel(32);
+        tokio::spawn(run_turn(self.ctx.clone(), request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_response(&self, request: Request<ResponseRef>) -> Result<Response<ResponseBody>, Status> {
+        let reference = request.into_inner();
+        let body = match self.stored(&reference).await {
+            Some(state) => ResponseBody { kind: Some(response_body::Kind::Json(state.response_json.to_vec())) },
+            None => not_found(&reference.response_id),
+        };
+        Ok(Response::new(body))
+    }
+
+    async fn delete_response(&self, request: Request<ResponseRef>) -> Result<Response<ResponseBody>, Status> {
+        let reference = request.into_inner();
+        if self.stored(&reference).await.is_none() {
+            return Ok(Response::new(not_found(&reference.response_id)));
+        }
+        let removed = self.ctx.cache.remove(&reference.tenant, &reference.response_id);
+        if !reference.local_only {
+            // The replica goes too, or a later pull would bring the response back.
+            if let Some((_, mut peer)) = removed.and_then(|state| self.ctx.peers.replica_target(state.session.0)) {
+                let forward = ResponseRef { local_only: true, ..reference.clone() };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), peer.delete_response(forward)).await;
+            }
+        }
+        let json = serde_json::json!({"id": reference.response_id, "object": "response.deleted", "deleted": true});
+        Ok(Response::new(ResponseBody { kind: Some(response_body::Kind::Json(json.to_string().into_bytes())) }))
+    }
+
+    async fn release_connection(
+        &self,
+        request: Request<ReleaseConnectionRequest>,
+    ) -> Result<Response<ReleaseConnectionResponse>, Status> {
+        let released = self.ctx.cache.release_connection(request.into_inner().connection);
+        Ok(Response::new(ReleaseConnectionResponse { released }))
+    }
+
+    async fn list_models(&self, _request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        // Also the edges' liveness probe: a worker that does not take turns says so.
+        if !self.ctx.serving.is_ready() {
+            return Err(WorkerError::NotServing.into());
+        }
+        Ok(Response::new(ListModelsResponse { models: self.ctx.shards.models() }))
+    }
+
+    async fn replicate(&self, request: Request<ReplicateRequest>) -> Result<Response<ReplicateResponse>, Status> {
+        let need_full = replication::accept(&self.ctx, request.into_inner().states);
+        Ok(Response::new(ReplicateResponse { need_full }))
+    }
+
+    async fn fetch_state(&self, request: Request<FetchStateRequest>) -> Result<Response<FetchStateResponse>, Status> {
+        let request = request.into_inner();
+        let state = self
+            .ctx
+            .cache
+            .get(&request.tenant, &request.response_id)
+            .filter(|state| state.store)
+            .map(|state| to_proto(&state, false));
+        Ok(Response::new(FetchStateResponse { state }))
+    }
+}

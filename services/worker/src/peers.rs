@@ -1,0 +1,55 @@
+//! The other workers, as a [`NodeSet`] on the same ring the edges compute: where a key's
+//! replica goes (its ring successor) and whom a new owner pulls a moved chain from.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_common::discovery::{Discovery, Member, NodeKind};
+use tether_common::nodes::NodeSet;
+use tether_proto::worker::v1::ListModelsRequest;
+use tether_proto::worker::v1::worker_client::WorkerClient;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+pub type PeerClient = WorkerClient<Channel>;
+
+#[derive(Clone)]
+pub struct Peers {
+    pub nodes: NodeSet<PeerClient>,
+    pub self_id: Arc<str>,
+}
+
+impl Peers {
+    pub fn start(discovery: &dyn Discovery, self_id: &str, stop: CancellationToken) -> Self {
+        let connect = Arc::new(|member: &Member| {
+            let channel = Endpoint::from_shared(member.addr.clone())
+                .ok()?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(1))
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .connect_lazy();
+            Some(WorkerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
+        });
+        let probe = Arc::new(|mut client: PeerClient| -> tether_common::discovery::BoxFuture<'static, bool> {
+            Box::pin(async move {
+                matches!(tokio::time::timeout(Duration::from_millis(500), client.list_models(ListModelsRequest {})).await, Ok(Ok(_)))
+            })
+        });
+        let nodes = NodeSet::start(discovery, NodeKind::Worker, connect, probe, Duration::from_millis(250), stop);
+        Peers { nodes, self_id: Arc::from(self_id) }
+    }
+
+    /// Where `key`'s replica goes: its owner if that is not this worker, else its successor.
+    pub fn replica_target(&self, key: u64) -> Option<(Arc<str>, PeerClient)> {
+        match self.nodes.owner(key) {
+            Some((id, client)) if *id != *self.self_id => Some((id, client)),
+            _ => self.nodes.successor(key).filter(|(id, _)| **id != *self.self_id),
+        }
+    }
+
+    /// Who held `key` before this worker (the owner were this worker not in the ring).
+    pub fn previous_owner(&self, key: u64) -> Option<(Arc<str>, PeerClient)> {
+        self.nodes.owner_without(key, &self.self_id).filter(|(id, _)| **id != *self.self_id)
+    }
+}

@@ -1,0 +1,160 @@
+//! Step 5 of the pipeline: one `Generate` stream to the session's shard.
+//!
+//! The worker claims the prefix it believes the shard holds; on a cache miss it resends the
+//! whole prompt once. A shard that cannot be reached before it produced anything is replaced
+//! by the next shard on the ring (whose cache is then rebuilt from the full prompt).
+
+use std::collections::HashMap;
+
+use tether_proto::shard::v1::generate_chunk::Kind;
+use tether_proto::shard::v1::{Finished, GenerateRequest, Sampling, ToolChoice, ToolSpec};
+use tokio_stream::StreamExt;
+
+use super::WorkerContext;
+use super::prepare::Prepared;
+use crate::api::events::{Closed, Emitter};
+use crate::api::request::ToolChoice as RequestToolChoice;
+use crate::error::WorkerError;
+use crate::metrics as m;
+use crate::pipeline::output::OutputBuilder;
+
+/// How the generation ended.
+pub enum Generation {
+    Finished { finished: Finished, completion: Vec<u32>, shard: String },
+    /// The client went away.
+    Closed,
+}
+
+pub fn generate_request(prepared: &Prepared, prefill_only: bool) -> GenerateRequest {
+    let request = &prepared.request;
+    let (prefix_len, prefix_hash) = prepared.claimed_prefix();
+    let tools = (!request.tools.is_empty()).then(|| {
+        let (choice, function) = match &request.tool_choice {
+            RequestToolChoice::Auto => (ToolChoice::Auto, String::new()),
+            RequestToolChoice::None => (ToolChoice::None, String::new()),
+            RequestToolChoice::Required => (ToolChoice::Required, String::new()),
+            RequestToolChoice::Function(name) => (ToolChoice::Function, name.clone()),
+        };
+        ToolSpec {
+            tools_json: serde_json::Value::Array(request.tools.clone()).to_string(),
+            choice: choice as i32,
+            function,
+            tool_outputs_seen: prepared.tool_outputs_seen,
+        }
+    });
+    // Engine hints come from the request's metadata keys the engine knows; never user text.
+    let hints: HashMap<String, String> = request
+        .metadata
+        .iter()
+        .filter(|(key, _)| key.starts_with("tether_"))
+        .filter_map(|(key, value)| value.as_str().map(|v| (key.clone(), v.to_owned())))
+        .collect();
+    GenerateRequest {
+        session: prepared.session.0,
+        model: request.model.clone(),
+        prefix_len,
+        prefix_hash: prefix_hash.value(),
+        tokens: prepared.new_tokens.clone(),
+        full: prepared.full,
+        sampling: Some(Sampling {
+            temperature: request.temperature.map(|t| t as f32),
+            top_p: request.top_p.map(|p| p as f32),
+            max_output_tokens: request.max_output_tokens.unwrap_or(0),
+        }),
+        tools,
+        hints,
+        prefill_only,
+    }
+}
+
+/// Runs the generation, streaming output events through `builder`. Errors after the first
+/// output event are final (the caller ends the response with `response.failed`).
+pub async fn generate(
+    ctx: &WorkerContext,
+    prepared: &Prepared,
+    prefill_only: bool,
+    emitter: &mut Emitter,
+    builder: &mut OutputBuilder,
+) -> Result<Generation, WorkerError> {
+    let candidates = ctx.shards.candidates(prepared.session.0);
+    if candidates.is_empty() {
+        return Err(WorkerError::NoShard);
+    }
+    let mut request = generate_request(prepared, prefill_only);
+    let mut last_error = WorkerError::NoShard;
+    for (attempt, (shard_id, shard)) in candidates.iter().enumerate() {
+        if attempt > 0 {
+            // Another shard holds nothing of this session: send everything.
+            request.full = true;
+            request.prefix_len = 0;
+            request.prefix_hash = 0;
+            request.tokens = prepared.full_prompt();
+            metrics::counter!(m::SHARD_FAILOVERS).increment(1);
+        }
+        let mut resent = false;
+        'resend: loop {
+            let mut stream = match shard.generate(request.clone()).await {
+                Ok(stream) => stream,
+                Err(status) => {
+                    tracing::warn!(shard = %shard_id, code = ?status.code(), "shard call failed");
+                    last_error = WorkerError::Shard(status);
+                    if last_error.class().is_retryable() {
+                        ctx.shards.eject(shard_id);
+                        break 'resend;
+                    }
+                    return Err(last_error);
+                }
+            };
+            let mut completion = Vec::new();
+            let mut produced = false;
+            while let Some(chunk) = stream.next().await {
+                let chunk = match chunk {
+                    Ok(chunk) => chunk,
+                    Err(status) => {
+                        tracing::warn!(shard = %shard_id, code = ?status.code(), produced, "shard stream broke");
+                        last_error = WorkerError::Shard(status);
+                        if last_error.class().is_retryable() {
+                            ctx.shards.eject(shard_id);
+                        }
+                        if !produced && last_error.class().is_retryable() {
+                            break 'resend;
+                        }
+                        return Err(last_error);
+                    }
+                };
+                match chunk.kind {
+                    Some(Kind::CacheMiss(miss)) if !resent => {
+                        tracing::debug!(shard = %shard_id, held = miss.held_len, "shard cache miss; resending the full prompt");
+                        metrics::counter!(m::SHARD_RESENDS).increment(1);
+                        request.full = true;
+                        request.prefix_len = 0;
+                        request.prefix_hash = 0;
+                        request.tokens = prepared.full_prompt();
+                        resent = true;
+                        continue 'resend;
+                    }
+                    Some(Kind::CacheMiss(_)) => {
+                        return Err(WorkerError::Shard(tonic::Status::internal("shard missed a full prompt")));
+                    }
+                    Some(Kind::Tokens(tokens)) => {
+                        produced = true;
+                        completion.extend_from_slice(&tokens.ids);
+                        if builder.push(emitter, &tokens.text).await == Err(Closed) {
+                            return Ok(Generation::Closed);
+                        }
+                    }
+                    Some(Kind::Finished(finished)) => {
+                        return Ok(Generation::Finished { finished, completion, shard: shard_id.clone() });
+                    }
+                    None => {}
+                }
+            }
+            last_error = WorkerError::Shard(tonic::Status::unavailable("shard stream ended without finishing"));
+            if produced {
+                return Err(last_error);
+            }
+            break 'resend;
+        }
+    }
+    Err(last_error)
+}

@@ -1,0 +1,255 @@
+//! The per-turn pipeline (design §3): resolve, validate, safety-check, render, infer,
+//! stream out, commit. Events are serialized here, once; the edge relays the bytes.
+
+pub mod infer;
+pub mod output;
+pub mod prepare;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{Value, json};
+use tether_common::ResponseId;
+use tether_common::ops::Readiness;
+use tether_common::tokens::PrefixHash;
+use tether_proto::shard::v1::FinishReason;
+use tether_proto::worker::v1::{Delivery, TurnEvent, TurnRequest, turn_event};
+
+use self::infer::Generation;
+use self::output::OutputBuilder;
+use self::prepare::Prepared;
+use crate::api::events::{Emitter, TurnSink};
+use crate::api::request::CreateRequest;
+use crate::api::response::{ResponseTemplate, now_unix, usage};
+use crate::error::WorkerError;
+use crate::metrics as m;
+use crate::peers::Peers;
+use crate::replication::{self, ReplicationMode};
+use crate::safety::Classifier;
+use crate::session::{ResponseState, Segments, SessionCache};
+use crate::shard_pool::ShardPool;
+use crate::tokenizer::Renderers;
+
+/// Everything a turn needs from its worker.
+pub struct WorkerContext {
+    pub id: String,
+    pub cache: SessionCache,
+    pub shards: ShardPool,
+    /// Renders prompts with each model's tokenizer.
+    pub renderer: Renderers,
+    pub classifier: Arc<dyn Classifier>,
+    pub default_model: String,
+    pub serving: Readiness,
+    pub peers: Peers,
+    pub replication: ReplicationMode,
+}
+
+/// Bodies larger than this are prepared on the blocking pool (parsing, safety and
+/// tokenization of a long stateless history take milliseconds).
+const INLINE_PREPARE_BYTES: usize = 32 * 1024;
+
+/// Runs one turn, sending its events to `sink`.
+#[tracing::instrument(skip_all, fields(session = %format_args!("{:016x}", turn.session), request_id = %turn.request_id))]
+pub async fn run_turn(ctx: Arc<WorkerContext>, turn: TurnRequest, sink: TurnSink) {
+    let started = Instant::now();
+    let final_only = turn.delivery == Delivery::Final as i32;
+    let stream_id = (!turn.stream_id.is_empty()).then(|| turn.stream_id.clone());
+    let prepared = prepare_turn(&ctx, &turn).await;
+    let prepared = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            metrics::counter!(m::TURNS, "outcome" => "rejected").increment(1);
+            let _ = sink.send(Ok(TurnEvent { kind: Some(turn_event::Kind::Error(error.api_error())) })).await;
+            return;
+        }
+    };
+    let mut emitter = Emitter::new(sink.clone(), stream_id, final_only);
+    let outcome = execute(&ctx, &turn, prepared, &mut emitter).await;
+    let label = match outcome {
+        Outcome::Completed => "completed",
+        Outcome::Incomplete => "incomplete",
+        Outcome::Failed => "failed",
+        Outcome::Closed => "closed",
+    };
+    metrics::counter!(m::TURNS, "outcome" => label).increment(1);
+    metrics::histogram!(m::TURN_SECONDS).record(started.elapsed().as_secs_f64());
+}
+
+/// Parses the request, pulls a parent that moved here from its previous owner, then runs the
+/// rest of the preparation (on the blocking pool for large bodies).
+async fn prepare_turn(ctx: &Arc<WorkerContext>, turn: &TurnRequest) -> Result<Prepared, WorkerError> {
+    let large = turn.body.len() > INLINE_PREPARE_BYTES;
+    let request = if large {
+        let (body, model) = (turn.body.clone(), ctx.default_model.clone());
+        tokio::task::spawn_blocking(move || CreateRequest::parse(&body, &model)).await.expect("parse does not panic")?
+    } else {
+        CreateRequest::parse(&turn.body, &ctx.default_model)?
+    };
+    if let Some(previous) = &request.previous_response_id {
+        if ctx.cache.get(&turn.tenant, previous).is_none() {
+            if let Some(id) = tether_common::ResponseId::parse(previous) {
+                replication::pull(ctx, &turn.tenant, previous, id.session_key().0).await;
+            }
+        }
+    }
+    if large {
+        let (ctx, turn) = (ctx.clone(), turn.clone());
+        tokio::task::spawn_blocking(move || prepare::prepare(&ctx, &turn, request)).await.expect("prepare does not panic")
+    } else {
+        prepare::prepare(ctx, turn, request)
+    }
+}
+
+enum Outcome {
+    Completed,
+    Incomplete,
+    Failed,
+    Closed,
+}
+
+async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepared, emitter: &mut Emitter) -> Outcome {
+    let id = ResponseId::new(prepared.session);
+    let parent_id = prepared.parent.as_ref().map(|parent| parent.id.clone());
+    let template = ResponseTemplate::new(id.as_str(), now_unix(), &prepared.request, parent_id.as_deref());
+    let in_progress = template.snapshot("in_progress", |_| {});
+    if emitter.emit("response.created", json!({"response": in_progress})).await.is_err()
+        || emitter.emit("response.in_progress", json!({"response": in_progress})).await.is_err()
+    {
+        return Outcome::Closed;
+    }
+
+    let mut builder = OutputBuilder::new();
+    let prefill_only = !prepared.request.generate;
+    let generation = infer::generate(ctx, &prepared, prefill_only, emitter, &mut builder).await;
+    let (finished, completion, shard) = match generation {
+        Ok(Generation::Finished { finished, completion, shard }) => (finished, completion, shard),
+        Ok(Generation::Closed) => return Outcome::Closed,
+        Err(error) if prefill_only => {
+            // A warmup that could not prefill still prepared the state: the next turn
+            // resends the full prompt to whichever shard serves it.
+            tracing::debug!(%error, "warmup prefill failed");
+            (Default::default(), Vec::new(), String::new())
+        }
+        Err(error) => return fail(emitter, &template, &mut builder, &error).await,
+    };
+
+    let incomplete = finished.reason == FinishReason::Length as i32;
+    let status = if incomplete { "incomplete" } else { "completed" };
+    if builder.finish(emitter, status).await.is_err() {
+        return Outcome::Closed;
+    }
+    let shard_usage = finished.usage.unwrap_or_default();
+    let timings = finished.timings.unwrap_or_default();
+    let prompt_tokens = if shard_usage.prompt_tokens > 0 { shard_usage.prompt_tokens } else { prepared_prompt_len(&prepared) };
+    let response = template.snapshot(status, |object| {
+        object.insert("completed_at".into(), json!(now_unix()));
+        object.insert("output".into(), Value::Array(builder.output.clone()));
+        object.insert("usage".into(), usage(prompt_tokens, shard_usage.cached_tokens, completion.len() as u32));
+        if incomplete {
+            object.insert("incomplete_details".into(), json!({"reason": "max_output_tokens"}));
+        }
+        object.insert(
+            "x_tether".into(),
+            json!({
+                "worker": ctx.id, "shard": shard,
+                "engine_us": timings.prefill_us + timings.decode_us,
+                "queue_us": timings.queue_us, "prefill_us": timings.prefill_us, "decode_us": timings.decode_us,
+            }),
+        );
+    });
+
+    // 7. Commit (and replicate, in sync mode) before the terminal event: a client that saw
+    // `completed` can continue, even after this worker crashes.
+    if let Some(state) = commit(ctx, turn, &prepared, &id, builder, completion, &response) {
+        match ctx.replication {
+            ReplicationMode::Sync => replication::replicate(ctx, &state).await,
+            ReplicationMode::Async => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { replication::replicate(&ctx, &state).await });
+            }
+            ReplicationMode::Off => {}
+        }
+    }
+    if emitter.terminal(if incomplete { "response.incomplete" } else { "response.completed" }, response, 200).await.is_err() {
+        return Outcome::Closed;
+    }
+    if incomplete { Outcome::Incomplete } else { Outcome::Completed }
+}
+
+fn prepared_prompt_len(prepared: &Prepared) -> u32 {
+    prepared.claimed_prefix().0 + prepared.new_tokens.len() as u32
+}
+
+/// Ends a started response with `response.failed` (or a 500 for non-streaming HTTP).
+async fn fail(emitter: &mut Emitter, template: &ResponseTemplate, builder: &mut OutputBuilder, error: &WorkerError) -> Outcome {
+    tracing::warn!(%error, class = error.class().as_label(), "turn failed");
+    if builder.finish(emitter, "incomplete").await.is_err() {
+        return Outcome::Closed;
+    }
+    let api = error.api_error();
+    let response = template.snapshot("failed", |object| {
+        object.insert("output".into(), Value::Array(builder.output.clone()));
+        object.insert("error".into(), json!({"code": "server_error", "message": api.message}));
+    });
+    let status = if api.status >= 500 { api.status } else { 500 };
+    let _ = emitter.terminal("response.failed", response, status).await;
+    Outcome::Failed
+}
+
+fn commit(
+    ctx: &WorkerContext,
+    turn: &TurnRequest,
+    prepared: &Prepared,
+    id: &ResponseId,
+    builder: OutputBuilder,
+    completion: Vec<u32>,
+    response: &Value,
+) -> Option<Arc<ResponseState>> {
+    let request = &prepared.request;
+    if !request.store && turn.connection == 0 {
+        // store=false over HTTP can never be continued: keep nothing.
+        return None;
+    }
+    // The tokens the shard now holds: the prompt plus what it generated.
+    let mut appended = prepared.new_tokens.clone();
+    appended.extend_from_slice(&completion);
+    let own_tokens = appended.len() as u32;
+    let (tokens, prefix_hash) = match (&prepared.parent, prepared.full) {
+        (Some(parent), false) => {
+            let mut hash = parent.prefix_hash;
+            hash.extend(&appended);
+            (parent.tokens.with(appended), hash)
+        }
+        _ => (Segments::default().with(appended.clone()), PrefixHash::of(&appended)),
+    };
+    let items = prepared.parent.as_ref().map(|parent| parent.items.clone()).unwrap_or_default();
+    let verdicts = prepared.parent.as_ref().map(|parent| parent.verdicts.clone()).unwrap_or_default();
+    let mut new_items = request.input.clone();
+    new_items.extend(builder.items);
+    let own_items = new_items.len() as u32;
+    let response_json: Arc<[u8]> = if request.store { serde_json::to_vec(response).expect("serializes").into() } else { Arc::from(&[][..]) };
+    let state = ResponseState {
+        id: id.as_str().to_owned(),
+        parent: prepared.parent.as_ref().map(|parent| parent.id.clone()),
+        own_items,
+        own_tokens,
+        tokens_rebuilt: prepared.full,
+        tenant: Arc::from(turn.tenant.as_str()),
+        session: prepared.session,
+        store: request.store,
+        connection: turn.connection,
+        model: request.model.clone(),
+        header_key: prepared.header_key,
+        items: items.with(new_items),
+        tokens,
+        prefix_hash,
+        open_assistant: prepared.open_assistant,
+        tool_outputs_seen: prepared.tool_outputs_seen,
+        verdicts: verdicts.with(vec![prepared.verdict.clone()]),
+        response_json,
+        created: Instant::now(),
+    };
+    let state = Arc::new(state);
+    ctx.cache.insert(state.clone());
+    Some(state)
+}

@@ -1,0 +1,126 @@
+//! Steps 1–4 of the per-turn pipeline: resolve the parent, validate the new request against
+//! it, safety-check only the new input, and render only the new items.
+
+use std::sync::Arc;
+
+use tether_common::SessionKey;
+use tether_common::tokens::PrefixHash;
+use tether_proto::worker::v1::TurnRequest;
+
+use super::WorkerContext;
+use crate::api::items::Item;
+use crate::api::request::CreateRequest;
+use crate::error::WorkerError;
+use crate::metrics as m;
+use crate::session::ResponseState;
+use crate::session::state::Verdict;
+
+/// A validated turn, ready for the shard.
+pub struct Prepared {
+    pub request: CreateRequest,
+    pub parent: Option<Arc<ResponseState>>,
+    pub session: SessionKey,
+    pub header_key: u64,
+    /// Tokens to append after the parent's (or the whole prompt when `full`).
+    pub new_tokens: Vec<u32>,
+    /// The prompt was rendered from scratch (no parent, or the header changed).
+    pub full: bool,
+    /// Whether the prompt ends inside an open assistant block (generation continues it).
+    pub open_assistant: bool,
+    pub tool_outputs_seen: u32,
+    pub verdict: Verdict,
+}
+
+impl Prepared {
+    /// The length and hash of the prefix the shard should already hold.
+    pub fn claimed_prefix(&self) -> (u32, PrefixHash) {
+        match (&self.parent, self.full) {
+            (Some(parent), false) => (parent.tokens.len() as u32, parent.prefix_hash),
+            _ => (0, PrefixHash::default()),
+        }
+    }
+
+    /// The whole prompt, for a resend after a shard cache miss.
+    pub fn full_prompt(&self) -> Vec<u32> {
+        match (&self.parent, self.full) {
+            (Some(parent), false) => {
+                let mut all = parent.tokens.to_vec();
+                all.extend_from_slice(&self.new_tokens);
+                all
+            }
+            _ => self.new_tokens.clone(),
+        }
+    }
+}
+
+pub fn prepare(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) -> Result<Prepared, WorkerError> {
+    let started = std::time::Instant::now();
+
+    // 1. Resolve state: O(1) in the session cache. A foreign tenant's id, an evicted one
+    // and a store=false one from another connection all look exactly like unknown ids.
+    let parent = match &request.previous_response_id {
+        None => None,
+        Some(id) => {
+            let state = ctx
+                .cache
+                .get(&turn.tenant, id)
+                .filter(|state| state.store || (turn.connection != 0 && state.connection == turn.connection))
+                .ok_or_else(|| WorkerError::PreviousResponseNotFound(id.clone()))?;
+            Some(state)
+        }
+    };
+
+    // 2. Validate only what is new against the cached config.
+    match ctx.shards.serves(&request.model) {
+        Some(false) => return Err(WorkerError::ModelNotFound(request.model.clone())),
+        None if ctx.shards.is_empty() => return Err(WorkerError::NoShard),
+        _ => {}
+    }
+    if parent.is_none() && request.input.is_empty() && request.generate {
+        return Err(WorkerError::invalid("input", "'input' is required when there is no 'previous_response_id'."));
+    }
+
+    // 3. Safety-check only the new input.
+    let mut checked_bytes = 0u64;
+    for item in &request.input {
+        let text = item.checked_text();
+        checked_bytes += text.len() as u64;
+        if let Some(category) = ctx.classifier.classify(text) {
+            metrics::counter!(m::SAFETY_FLAGGED).increment(1);
+            return Err(WorkerError::Flagged(category.to_owned()));
+        }
+    }
+    metrics::counter!(m::SAFETY_CHECKED_BYTES).increment(checked_bytes);
+    let verdict = Verdict { classifier: ctx.classifier.name().into(), items: request.input.len() as u32, bytes: checked_bytes };
+
+    // 4. Render only the new items, unless the header changed.
+    let renderer = ctx.renderer.for_model(&request.model);
+    let header_key = renderer.header_key_for(request.instructions.as_deref(), &request.tools);
+    let mut new_tokens = Vec::new();
+    let incremental = parent.as_ref().filter(|parent| parent.header_key == header_key);
+    let (full, in_assistant) = match incremental {
+        Some(parent) => (false, renderer.items(&request.input, parent.open_assistant, &mut new_tokens)),
+        None => {
+            renderer.header(request.instructions.as_deref(), &request.tools, &mut new_tokens);
+            let history = parent.iter().flat_map(|parent| parent.items.iter());
+            (true, renderer.items(history.chain(request.input.iter()), false, &mut new_tokens))
+        }
+    };
+    let open_assistant = if request.generate {
+        renderer.generation_prompt(in_assistant, &mut new_tokens);
+        true
+    } else {
+        in_assistant
+    };
+    metrics::counter!(m::RENDERED_TOKENS, "path" => if full { "full" } else { "incremental" })
+        .increment(new_tokens.len() as u64);
+
+    let new_outputs = request.input.iter().filter(|item| matches!(item, Item::FunctionCallOutput { .. })).count() as u32;
+    let tool_outputs_seen = match (&parent, full) {
+        (Some(parent), _) => parent.tool_outputs_seen + new_outputs,
+        (None, _) => new_outputs,
+    };
+    let session = parent.as_ref().map_or(SessionKey(turn.session), |parent| parent.session);
+    metrics::histogram!(m::PREPARE_SECONDS).record(started.elapsed().as_secs_f64());
+    Ok(Prepared { request, parent, session, header_key, new_tokens, full, open_assistant, tool_outputs_seen, verdict })
+}

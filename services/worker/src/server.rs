@@ -1,0 +1,95 @@
+//! `serve()`: register, serve gRPC and the operations endpoints, drain on shutdown.
+
+use std::sync::Arc;
+
+use tether_common::discovery::{Discovery, Member, NodeKind, membership};
+use tether_common::ops::{self, Readiness};
+use tether_common::serve::serve_router;
+use tether_proto::worker::v1::worker_server::WorkerServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WorkerConfig;
+use crate::error::WorkerError;
+use crate::grpc::WorkerService;
+use crate::peers::Peers;
+use crate::pipeline::WorkerContext;
+use crate::replication::hand_off;
+use crate::safety::PatternClassifier;
+use crate::session::SessionCache;
+use crate::shard_pool::{ShardConnector, ShardPool, grpc_connector};
+use crate::tokenizer::Renderers;
+
+/// Serves a worker on `listener` until `shutdown`, registered in `discovery`.
+pub async fn serve(
+    config: WorkerConfig,
+    listener: TcpListener,
+    discovery: Arc<dyn Discovery>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    serve_with(config, listener, discovery, grpc_connector(), shutdown).await
+}
+
+/// [`serve`] with a chosen shard connector (tests wrap shards with faults).
+pub async fn serve_with(
+    config: WorkerConfig,
+    listener: TcpListener,
+    discovery: Arc<dyn Discovery>,
+    connector: ShardConnector,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    tether_common::telemetry::prometheus();
+    crate::metrics::describe();
+    let local = listener.local_addr()?;
+    let id = config.id.clone().unwrap_or_else(|| format!("worker-{}", local.port()));
+    let addr = config.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
+    let renderer = Renderers::load(&config.llama_models)?;
+    let stop = CancellationToken::new();
+    let serving = Readiness::default();
+    let ctx = Arc::new(WorkerContext {
+        id: id.clone(),
+        cache: SessionCache::new(config.cache),
+        shards: ShardPool::start(discovery.as_ref(), connector, stop.clone()),
+        renderer,
+        classifier: Arc::new(PatternClassifier::with_defaults(&config.safety_patterns)),
+        default_model: config.default_model.clone(),
+        serving: serving.clone(),
+        peers: Peers::start(discovery.as_ref(), &id, stop.clone()),
+        replication: config.replication,
+    });
+    let service = WorkerServer::new(WorkerService::new(ctx.clone()))
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+    let router = tonic::service::Routes::new(service).into_axum_router().merge(ops::router(serving.clone()));
+    let stop_accepting = CancellationToken::new();
+    let server = tokio::spawn(serve_router(listener, router, stop_accepting.clone()));
+    let member = Member { id: id.clone(), addr: addr.clone() };
+    // Serve until shutdown; a lost lease fences the worker (no turns) until re-registered.
+    let fenced = || metrics::counter!(crate::metrics::FENCED).increment(1);
+    let Some(registration) = membership::hold(discovery.as_ref(), NodeKind::Worker, &member, &serving, &shutdown, fenced).await
+    else {
+        // Shutdown came before the first registration.
+        serving.set(false);
+        stop_accepting.cancel();
+        stop.cancel();
+        return Ok(());
+    };
+
+    // Drain under one deadline: refuse new turns (the edge retries them on the new owner),
+    // hand sessions over, deregister, finish in-flight turns.
+    // The lease is revoked only after the hand-off: until then this worker stays on everyone's
+    // ring, so a new owner that misses a state pulls it from here.
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    serving.set(false);
+    let moved = tokio::time::timeout_at(deadline, hand_off(&ctx)).await;
+    tracing::info!(worker = %id, handed_off = ?moved.ok(), "sessions handed off");
+    registration.revoke().await;
+    stop_accepting.cancel();
+    let drained = tokio::time::timeout_at(deadline, server).await;
+    stop.cancel();
+    match drained {
+        Ok(Ok(result)) => result.map_err(WorkerError::Io),
+        Ok(Err(join)) => Err(WorkerError::Io(std::io::Error::other(join))),
+        Err(_) => Err(WorkerError::ShutdownDeadline),
+    }
+}

@@ -1,0 +1,78 @@
+//! The gRPC implementation of [`ShardApi`]: a lazily connected, persistent HTTP/2 channel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use tether_common::discovery::BoxFuture;
+use tether_proto::shard::v1::shard_client::ShardClient;
+use tether_proto::shard::v1::{GenerateRequest, InfoRequest};
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{ChunkStream, ShardApi};
+
+pub struct GrpcShard {
+    client: ShardClient<Channel>,
+    models: Arc<RwLock<Vec<String>>>,
+}
+
+impl GrpcShard {
+    /// Creates the channel (connected on first use) and asks the shard for its models.
+    pub fn connect(id: &str, addr: &str) -> Self {
+        let channel = Endpoint::from_shared(addr.to_owned())
+            .expect("member addresses are URLs")
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        let client = ShardClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+        let models = Arc::new(RwLock::new(Vec::new()));
+        let (mut info_client, info_models, id) = (client.clone(), models.clone(), id.to_owned());
+        tokio::spawn(async move {
+            // A shard that just registered may still be starting: retry with backoff.
+            for attempt in 0..50u32 {
+                match info_client.info(InfoRequest {}).await {
+                    Ok(info) => {
+                        *info_models.write() = info.into_inner().models;
+                        return;
+                    }
+                    Err(status) => {
+                        tracing::debug!(shard = %id, attempt, code = ?status.code(), "shard info failed");
+                        tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt.min(10) + 1))).await;
+                    }
+                }
+            }
+        });
+        GrpcShard { client, models }
+    }
+}
+
+impl ShardApi for GrpcShard {
+    fn generate(&self, request: GenerateRequest) -> BoxFuture<'_, Result<ChunkStream, Status>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let stream = client.generate(request).await?.into_inner();
+            Ok(Box::pin(stream) as ChunkStream)
+        })
+    }
+
+    fn models(&self) -> Vec<String> {
+        self.models.read().clone()
+    }
+
+    fn probe(&self) -> BoxFuture<'static, bool> {
+        let mut client = self.client.clone();
+        let models = self.models.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(Duration::from_millis(500), client.info(InfoRequest {})).await {
+                Ok(Ok(info)) => {
+                    *models.write() = info.into_inner().models;
+                    true
+                }
+                _ => false,
+            }
+        })
+    }
+}

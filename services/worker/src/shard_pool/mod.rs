@@ -1,0 +1,81 @@
+//! The worker's view of the shards: membership from discovery, a consistent-hash ring that
+//! pins each session to one shard (so its KV cache stays warm), and one persistent HTTP/2
+//! channel per shard. Calls go through [`ShardApi`], so tests can wrap a shard with faults.
+
+mod grpc;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_common::discovery::{BoxFuture, Discovery, Member, NodeKind};
+use tether_common::nodes::NodeSet;
+use tether_proto::shard::v1::{GenerateChunk, GenerateRequest};
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+pub use grpc::GrpcShard;
+
+pub type ChunkStream = std::pin::Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
+
+/// One shard, as the pipeline calls it.
+pub trait ShardApi: Send + Sync + 'static {
+    fn generate(&self, request: GenerateRequest) -> BoxFuture<'_, Result<ChunkStream, Status>>;
+    /// The models the shard serves (known once it answered `Info`).
+    fn models(&self) -> Vec<String>;
+    /// Whether the shard answers (an ejected shard is readmitted when it does).
+    fn probe(&self) -> BoxFuture<'static, bool>;
+}
+
+/// Builds the client of a shard member; the default dials gRPC.
+pub type ShardConnector = Arc<dyn Fn(&str, &str) -> Arc<dyn ShardApi> + Send + Sync>;
+
+/// The shards, as a [`NodeSet`]: a session's shard is its owner on the shard ring, so its
+/// KV cache stays warm there.
+#[derive(Clone)]
+pub struct ShardPool {
+    nodes: NodeSet<Arc<dyn ShardApi>>,
+}
+
+impl ShardPool {
+    /// Starts following shard membership until `stop`.
+    pub fn start(discovery: &dyn Discovery, connector: ShardConnector, stop: CancellationToken) -> Self {
+        let connect = Arc::new(move |member: &Member| Some(connector(&member.id, &member.addr)));
+        let probe = Arc::new(|shard: Arc<dyn ShardApi>| -> BoxFuture<'static, bool> { Box::pin(async move { shard.probe().await }) });
+        ShardPool { nodes: NodeSet::start(discovery, NodeKind::Shard, connect, probe, Duration::from_millis(250), stop) }
+    }
+
+    /// Returns the shards to try for `session`, in order: its owner, then its successor.
+    pub fn candidates(&self, session: u64) -> Vec<(String, Arc<dyn ShardApi>)> {
+        let owner = self.nodes.owner(session);
+        let successor = self.nodes.successor(session);
+        [owner, successor].into_iter().flatten().map(|(id, api)| (id.to_string(), api)).collect()
+    }
+
+    /// Takes a shard that refused a call out of this worker's ring.
+    pub fn eject(&self, id: &str) {
+        self.nodes.eject(id);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Returns the union of the models the shards serve.
+    pub fn models(&self) -> Vec<String> {
+        let models: BTreeSet<String> = self.nodes.live().into_iter().flat_map(|(_, api)| api.models()).collect();
+        models.into_iter().collect()
+    }
+
+    /// Whether `model` is served; `None` while no shard has described itself yet.
+    pub fn serves(&self, model: &str) -> Option<bool> {
+        let models = self.models();
+        if models.is_empty() { None } else { Some(models.iter().any(|m| m == model)) }
+    }
+}
+
+/// Returns the connector that dials shards over gRPC.
+pub fn grpc_connector() -> ShardConnector {
+    Arc::new(|id: &str, addr: &str| Arc::new(GrpcShard::connect(id, addr)) as Arc<dyn ShardApi>)
+}

@@ -1,0 +1,271 @@
+//! The multi-process suite: real `tether` processes (edge, 3 workers, 2 shards) with
+//! membership in a real etcd server on loopback, driven by concurrent agents while nodes are
+//! killed (SIGKILL), drained (SIGTERM), added, frozen (SIGSTOP) and while etcd is down.
+//! Each scenario asserts its invariants (no lost stored chain, classified failures within a
+//! bound, linear histories) and prints the recovery times it saw.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tether_tests::agents::{self, AgentLog};
+use tether_tests::etcd::Etcd;
+use tether_tests::process::Process;
+use tether_tests::wait;
+use tokio_util::sync::CancellationToken;
+
+/// Scenarios start many processes: run them one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const LEASE_TTL: &str = "2s";
+
+struct ProcessCluster {
+    etcd: Etcd,
+    dir: PathBuf,
+    name: String,
+    edge: Process,
+    workers: Vec<Process>,
+    _shards: Vec<Process>,
+}
+
+impl ProcessCluster {
+    async fn start(name: &str) -> ProcessCluster {
+        tether_common::telemetry::init_for_test();
+        let etcd = Etcd::start().await;
+        let dir = std::env::temp_dir().join(format!("tether-processes-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cluster = ProcessCluster { etcd, dir, name: name.to_owned(), edge: placeholder(), workers: Vec::new(), _shards: Vec::new() };
+        for i in 0..2 {
+            let shard = cluster.spawn(&format!("shard-{i}"), &["shard", "--id", &format!("shard-{i}")]);
+            cluster._shards.push(shard);
+        }
+        for i in 0..3 {
+            let worker = cluster.spawn_worker(&format!("worker-{i}"));
+            cluster.workers.push(worker);
+        }
+        cluster.edge = cluster.spawn("edge", &["edge", "--auth", "open"]);
+        cluster.wait_for_members(3, 2).await;
+        let ready = format!("{}/readyz", cluster.edge.url());
+        wait::until(Duration::from_secs(20), "edge ready", || {
+            let ready = ready.clone();
+            async move { reqwest::get(&ready).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await;
+        cluster
+    }
+
+    fn spawn(&self, name: &str, args: &[&str]) -> Process {
+        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        all.extend(["--listen", "127.0.0.1:0", "--cluster", &self.name, "--lease-ttl", LEASE_TTL, "--shutdown-grace", "10s"].map(str::to_owned));
+        for endpoint in self.etcd.endpoints() {
+            all.extend(["--etcd".to_owned(), endpoint]);
+        }
+        Process::start(name, &all, &self.dir)
+    }
+
+    fn spawn_worker(&self, id: &str) -> Process {
+        self.spawn(id, &["worker", "--id", id])
+    }
+
+    fn ws_url(&self) -> String {
+        format!("ws://{}/v1/responses", self.edge.addr)
+    }
+
+    /// Waits until the edge's view lists `workers` workers and `shards` shards.
+    async fn wait_for_members(&self, workers: usize, shards: usize) -> Duration {
+        let started = Instant::now();
+        let url = format!("{}/v1/cluster", self.edge.url());
+        wait::until(Duration::from_secs(20), &format!("{workers} workers and {shards} shards in membership"), || {
+            let url = url.clone();
+            async move {
+                let view: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+                let count = |kind: &str| view[kind].as_array().map_or(0, Vec::len);
+                (count("workers") == workers && count("shards") == shards).then_some(())
+            }
+        })
+        .await;
+        started.elapsed()
+    }
+
+    fn worker_index(&self, id: &str) -> usize {
+        self.workers.iter().position(|w| w.name == id).expect("a known worker")
+    }
+}
+
+fn placeholder() -> Process {
+    // Replaced before use; `Process` has no empty state, so start nothing until then.
+    Process::placeholder()
+}
+
+/// Runs agents until `stop` and returns their logs.
+fn start_agents(url: String, agents: usize, stop: CancellationToken) -> tokio::task::JoinHandle<Vec<AgentLog>> {
+    tokio::spawn(async move { agents::run(&url, agents, 5_000, stop).await })
+}
+
+/// Waits until the agents completed `more` turns beyond `from` (counted through the edge's
+/// metrics would couple the test to metric names; the logs are only read at the end, so count
+/// completed responses through the worker metric instead).
+async fn completed_turns(edge: &Process) -> u64 {
+    let text = match reqwest::get(format!("{}/metrics", edge.url())).await {
+        Ok(reply) => reply.text().await.unwrap_or_default(),
+        Err(_) => return 0,
+    };
+    text.lines()
+        .filter(|l| l.starts_with("tether_edge_requests_total") && l.contains("transport=\"websocket\"") && l.contains("outcome=\"ok\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn run_turns(edge: &Process, more: u64, what: &str) {
+    let from = completed_turns(edge).await;
+    wait::until(Duration::from_secs(60), what, || async move {
+        (completed_turns(edge).await >= from + more).then_some(())
+    })
+    .await;
+}
+
+fn summary(logs: &[AgentLog]) -> (usize, usize, usize) {
+    let turns = logs.iter().map(|l| l.history.len()).sum();
+    let failures = logs.iter().map(|l| l.failures.len()).sum();
+    let lost = logs.iter().map(|l| l.lost).sum();
+    (turns, failures, lost)
+}
+
+fn check_histories(logs: &[AgentLog]) {
+    for (agent, log) in logs.iter().enumerate() {
+        agents::assert_linear(agent, log);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_a_worker_mid_stream() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = ProcessCluster::start("kill").await;
+    let stop = CancellationToken::new();
+    let agents = start_agents(cluster.ws_url(), 12, stop.clone());
+    run_turns(&cluster.edge, 60, "turns before the kill").await;
+
+    tracing::info!("--- SIGKILL worker-0");
+    let index = cluster.worker_index("worker-0");
+    let killed_at = Instant::now();
+    cluster.workers[index].kill();
+    cluster.wait_for_members(2, 2).await;
+    let lease_gone = killed_at.elapsed();
+    run_turns(&cluster.edge, 120, "turns after the kill").await;
+    stop.cancel();
+    let logs = agents.await.unwrap();
+    let (turns, failures, lost) = summary(&logs);
+    let last_failure = logs.iter().flat_map(|l| &l.failures).map(|f| f.at.saturating_duration_since(killed_at)).max();
+    println!("kill: {turns} turns, {failures} failed (in flight at the kill), {lost} lost; last failure event {last_failure:?} after the kill; lease gone {lease_gone:?} after it");
+    assert_eq!(lost, 0, "no stored chain is lost");
+    for failure in logs.iter().flat_map(|l| &l.failures) {
+        assert!(failure.kind.starts_with("response.failed"), "a classified failure event: {failure:?}");
+        let after = failure.at.saturating_duration_since(killed_at);
+        assert!(after < Duration::from_secs(1), "failure event {after:?} after the kill");
+    }
+    check_histories(&logs);
+    agents::assert_stored(&cluster.edge.url(), &logs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_with_sigterm_fails_no_turn() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = ProcessCluster::start("rolling").await;
+    let stop = CancellationToken::new();
+    let agents = start_agents(cluster.ws_url(), 8, stop.clone());
+    run_turns(&cluster.edge, 40, "turns before the restarts").await;
+    for i in 0..3 {
+        let id = format!("worker-{i}");
+        tracing::info!("--- SIGTERM {id}, then start it again");
+        let index = cluster.worker_index(&id);
+        let drained = Instant::now();
+        let status = cluster.workers[index].terminate(Duration::from_secs(15));
+        assert!(status.success(), "{id} drained cleanly: {status}");
+        println!("rolling: {id} drained in {:?}", drained.elapsed());
+        cluster.workers[index] = cluster.spawn_worker(&id);
+        cluster.wait_for_members(3, 2).await;
+        run_turns(&cluster.edge, 30, "turns after a restart").await;
+    }
+    stop.cancel();
+    let logs = agents.await.unwrap();
+    let (turns, failures, lost) = summary(&logs);
+    println!("rolling: {turns} turns, {failures} failed, {lost} lost");
+    assert_eq!((failures, lost), (0, 0), "{:?}", logs.iter().flat_map(|l| &l.failures).collect::<Vec<_>>());
+    check_histories(&logs);
+    agents::assert_stored(&cluster.edge.url(), &logs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_worker_under_load_fails_no_turn() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = ProcessCluster::start("scale").await;
+    let stop = CancellationToken::new();
+    let agents = start_agents(cluster.ws_url(), 8, stop.clone());
+    run_turns(&cluster.edge, 40, "turns before the new worker").await;
+    tracing::info!("--- add worker-3");
+    let worker = cluster.spawn_worker("worker-3");
+    cluster.workers.push(worker);
+    let joined = cluster.wait_for_members(4, 2).await;
+    run_turns(&cluster.edge, 80, "turns after the new worker").await;
+    stop.cancel();
+    let logs = agents.await.unwrap();
+    let (turns, failures, lost) = summary(&logs);
+    let pulls = cluster.workers.last().unwrap().log_text().matches("pulled").count();
+    println!("scale-out: {turns} turns, {failures} failed, {lost} lost; joined the edge's view in {joined:?}");
+    let _ = pulls;
+    assert_eq!((failures, lost), (0, 0));
+    check_histories(&logs);
+    agents::assert_stored(&cluster.edge.url(), &logs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_for_30_seconds_costs_no_turn() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = ProcessCluster::start("etcd-down").await;
+    let stop = CancellationToken::new();
+    let agents = start_agents(cluster.ws_url(), 6, stop.clone());
+    run_turns(&cluster.edge, 30, "turns before the outage").await;
+    tracing::info!("--- stop etcd for 30 s");
+    cluster.etcd.kill();
+    let before = completed_turns(&cluster.edge).await;
+    // The outage itself lasts 30 s (a scenario length, not a wait for some state).
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let during = completed_turns(&cluster.edge).await - before;
+    cluster.etcd.restart().await;
+    run_turns(&cluster.edge, 30, "turns after etcd is back").await;
+    stop.cancel();
+    let logs = agents.await.unwrap();
+    let (turns, failures, lost) = summary(&logs);
+    println!("etcd outage: {turns} turns ({during} during the 30 s outage), {failures} failed, {lost} lost");
+    assert!(during > 100, "turns kept flowing from the last known membership");
+    assert_eq!((failures, lost), (0, 0));
+    check_histories(&logs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_never_makes_two_owners() {
+    let _serial = SERIAL.lock().await;
+    let cluster = ProcessCluster::start("freeze").await;
+    let stop = CancellationToken::new();
+    let agents = start_agents(cluster.ws_url(), 8, stop.clone());
+    run_turns(&cluster.edge, 40, "turns before the freeze").await;
+    tracing::info!("--- SIGSTOP worker-1 past its lease, then SIGCONT");
+    let index = cluster.worker_index("worker-1");
+    let frozen_at = Instant::now();
+    cluster.workers[index].freeze();
+    let expired = cluster.wait_for_members(2, 2).await;
+    run_turns(&cluster.edge, 40, "turns while worker-1 is frozen").await;
+    cluster.workers[index].thaw();
+    let rejoined = cluster.wait_for_members(3, 2).await;
+    run_turns(&cluster.edge, 60, "turns after the thaw").await;
+    stop.cancel();
+    let logs = agents.await.unwrap();
+    let (turns, failures, lost) = summary(&logs);
+    println!(
+        "freeze: {turns} turns, {failures} failed, {lost} lost; lease expired {expired:?} after SIGSTOP, rejoined {rejoined:?} after SIGCONT ({:?} total)",
+        frozen_at.elapsed()
+    );
+    assert_eq!(lost, 0);
+    check_histories(&logs);
+    agents::assert_stored(&cluster.edge.url(), &logs).await;
+}
