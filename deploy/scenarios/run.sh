@@ -20,7 +20,8 @@
 # Needs: the images (deploy/images/build.sh, run when missing unless --no-build), a tether binary
 # with etcd membership, target/release/tether-loadtest (built when missing), python3, curl.
 # Environment: TETHER_SCENARIO_PROJECT (default tether-scenarios), TETHER_EDGE1_PORT/EDGE2_PORT
-# (default 18081/18082), TETHER_LEASE_TTL (default 3s), TETHER_LOADTEST (binary path).
+# (host ports of the edges; default: ports Docker picks, read back after `up`), TETHER_LEASE_TTL
+# (default 3s), TETHER_LOADTEST (binary path).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -45,14 +46,15 @@ while (($#)); do
 done
 
 export COMPOSE_PROJECT_NAME=${TETHER_SCENARIO_PROJECT:-tether-scenarios}
-export TETHER_EDGE1_PORT=${TETHER_EDGE1_PORT:-18081}
-export TETHER_EDGE2_PORT=${TETHER_EDGE2_PORT:-18082}
+# Empty: Docker picks free host ports (the compose file publishes "127.0.0.1::8080").
+export TETHER_EDGE1_PORT=${TETHER_EDGE1_PORT:-}
+export TETHER_EDGE2_PORT=${TETHER_EDGE2_PORT:-}
 export TETHER_LEASE_TTL=${TETHER_LEASE_TTL:-3s}
 export TETHER_CLUSTER=${TETHER_CLUSTER:-scenarios}
 export TETHER_LOG_FORMAT=plain NO_COLOR=1
 LOADTEST=${TETHER_LOADTEST:-$ROOT/target/release/tether-loadtest}
-EDGE1=http://127.0.0.1:$TETHER_EDGE1_PORT
-EDGE2=http://127.0.0.1:$TETHER_EDGE2_PORT
+EDGE1="" # set once the cluster is up (published_edge)
+EDGE2=""
 TTL_S=${TETHER_LEASE_TTL%s}
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/tether-scenarios.XXXXXX")}
 mkdir -p "$OUT"
@@ -218,11 +220,22 @@ disrupt_restart() {
     done
 }
 
+# published_edge SERVICE: the edge's URL on the host, from the port Docker published.
+published_edge() {
+    local hostport
+    hostport=$(compose port "$1" 8080 | tail -n 1) || return 1
+    [[ -n $hostport ]] || return 1
+    echo "http://127.0.0.1:${hostport##*:}"
+}
+
 # --- run -------------------------------------------------------------------------------------------
-log "compose project $COMPOSE_PROJECT_NAME, edges $EDGE1 $EDGE2, lease TTL $TETHER_LEASE_TTL, artifacts $OUT"
+log "compose project $COMPOSE_PROJECT_NAME, lease TTL $TETHER_LEASE_TTL, artifacts $OUT"
 compose down -v --remove-orphans >/dev/null 2>&1 || true
 T0=$(now)
 compose up -d --scale worker=3 >"$OUT/up.txt" 2>&1 || { cat "$OUT/up.txt"; die "compose up failed"; }
+EDGE1=$(published_edge edge1) || die "edge1 publishes no port"
+EDGE2=$(published_edge edge2) || die "edge2 publishes no port"
+log "edges at $EDGE1 and $EDGE2"
 s=$(wait_until 120 edges_ready) || die "edges not ready within 120s"
 s=$(wait_until 60 cluster_complete 3) || die "edges do not see 3 workers and 2 shards within 60s: $(curl -s "$EDGE1/v1/cluster")"
 timing up "cluster up (3 workers, 2 shards, 2 edges) in" "$(since "$T0")s"
@@ -254,23 +267,27 @@ python3 "$HERE/canary.py" report --events "$OUT/canary.jsonl" --phases "$OUT/pha
 echo "timings:"
 printf '%s\n' "${TIMINGS[@]}" | tee -a "$OUT/report.txt"
 # --- assertions ------------------------------------------------------------------------------------
-python3 - "$OUT/report.json" <<'PY'
+python3 - "$OUT/report.json" <<'PY' | tee "$OUT/assertions.txt"
 import json, sys
-bad = []
+failed_phases = 0
 for r in json.load(open(sys.argv[1])):
+    bad = []
     lt = r.get("loadtest") or {}
     lt_errors = lt.get("errors") or {}
     lost = r["lost_sessions"] + sum(v for k, v in lt_errors.items() if "previous_response_not_found" in k)
     if lost:
-        bad.append(f"{r['phase']}: {lost} lost store=true sessions")
+        bad.append(f"{lost} lost store=true sessions")
     if r["phase"] in ("scale", "restart"):
         failed = r["canary_turns_failed"] + sum(lt_errors.values())
         if failed:
-            bad.append(f"{r['phase']}: {failed} failed turns where drain promises none")
+            bad.append(f"{failed} failed turns where drain promises none")
     if not lt:
-        bad.append(f"{r['phase']}: no loadtest report")
-for b in bad:
-    print("FAIL", b)
-print("scenarios:", "FAILED" if bad else "passed")
-sys.exit(1 if bad else 0)
+        bad.append("no loadtest report")
+    if bad:
+        failed_phases += 1
+        print(f"FAIL {r['phase']}: " + "; ".join(bad))
+    else:
+        print(f"ok   {r['phase']}")
+print("scenarios:", "FAILED" if failed_phases else "passed")
+sys.exit(1 if failed_phases else 0)
 PY

@@ -3,7 +3,6 @@
 //! "listening" log line. `kill()` is SIGKILL, `terminate()` SIGTERM (a drain), `freeze()` and
 //! `thaw()` SIGSTOP and SIGCONT.
 
-use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -41,8 +40,10 @@ impl Process {
 
     /// Starts `tether <args>` and waits (bounded) for its listening address.
     pub fn start(name: &str, args: &[String], dir: &Path) -> Process {
+        // Appended: a node restarted under the same name keeps its earlier run's log.
         let log = dir.join(format!("{name}.log"));
-        let file = File::create(&log).expect("create a log file");
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open a log file");
+        let earlier = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
         let child = Command::new(tether_bin())
             .args(args)
             .args(["--log-format", "json"])
@@ -53,14 +54,16 @@ impl Process {
             .spawn()
             .expect("spawn tether");
         let mut process = Process { name: name.to_owned(), addr: SocketAddr::from(([127, 0, 0, 1], 0)), child, log };
-        process.addr = process.wait_for_addr(Duration::from_secs(20));
+        process.addr = process.wait_for_addr(earlier, Duration::from_secs(20));
         process
     }
 
-    fn wait_for_addr(&mut self, limit: Duration) -> SocketAddr {
+    /// Reads this run's "listening" line (the log's bytes after `earlier`).
+    fn wait_for_addr(&mut self, earlier: usize, limit: Duration) -> SocketAddr {
         let deadline = Instant::now() + limit;
         loop {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let all = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let text = all.get(earlier..).unwrap_or_default();
             for line in text.lines() {
                 let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else { continue };
                 let fields = &entry["fields"];

@@ -78,8 +78,13 @@ impl ErrorClass {
     /// Classifies a status received from a peer. tether's services never answer `Unknown`:
     /// tonic reports a call that failed in the transport (a connection reset by a crashed
     /// peer, an HTTP/2 stream error) with it, so it is `Disconnected`, which another node may
-    /// retry.
+    /// retry. So is any status tonic built from an HTTP/2 error rather than one the peer
+    /// sent: a stream refused by a GOAWAY (a peer shutting down gracefully says `NO_ERROR`,
+    /// which tonic reports as `Internal`) or reset (`CANCEL`, reported as `Cancelled`).
     pub fn from_status(status: &tonic::Status) -> Self {
+        if from_http2(status) {
+            return ErrorClass::Disconnected;
+        }
         match status.code() {
             Code::Unknown => ErrorClass::Disconnected,
             code => Self::from_grpc(code),
@@ -109,6 +114,19 @@ impl ErrorClass {
     }
 }
 
+/// Whether tonic made `status` from an HTTP/2 error (its source chain holds one) instead of
+/// decoding a status the peer sent.
+fn from_http2(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.is::<h2::Error>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::ErrorClass;
@@ -127,5 +145,20 @@ mod tests {
         ] {
             assert_eq!(ErrorClass::from_grpc(class.grpc_code()), class);
         }
+    }
+
+    #[test]
+    fn http2_failures_are_disconnects_and_peer_statuses_keep_their_code() {
+        // A stream refused by a graceful GOAWAY: tonic says Internal, the peer never saw it.
+        for reason in [h2::Reason::NO_ERROR, h2::Reason::CANCEL, h2::Reason::INTERNAL_ERROR] {
+            let status = tonic::Status::from_error(Box::new(h2::Error::from(reason)));
+            assert_ne!(status.code(), tonic::Code::Unavailable);
+            assert_eq!(ErrorClass::from_status(&status), ErrorClass::Disconnected, "{reason:?}");
+            assert!(ErrorClass::from_status(&status).is_retryable());
+        }
+        // The same codes sent by a peer are what they say.
+        assert_eq!(ErrorClass::from_status(&tonic::Status::internal("bug")), ErrorClass::Internal);
+        assert_eq!(ErrorClass::from_status(&tonic::Status::cancelled("gone")), ErrorClass::Cancelled);
+        assert_eq!(ErrorClass::from_status(&tonic::Status::unknown("reset")), ErrorClass::Disconnected);
     }
 }
