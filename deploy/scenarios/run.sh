@@ -81,7 +81,9 @@ for image in tether/etcd:latest tether/tether:latest; do
         break
     fi
 done
-docker run --rm tether/tether:latest worker --help | grep -q -- '--etcd' \
+# (read the whole help first: `grep -q` closing the pipe early fails the pipeline under pipefail)
+help=$(docker run --rm tether/tether:latest worker --help) || die "the tether image does not run"
+grep -q -- '--etcd' <<<"$help" \
     || die "the tether image has no etcd membership (rebuild it from a newer binary)"
 if [[ ! -x $LOADTEST ]]; then
     log "building tether-loadtest"
