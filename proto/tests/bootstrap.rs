@@ -19,7 +19,7 @@ fn generated_code_is_fresh() {
         .compile_with_config(
             prost_config,
             &[root.join("tether/shard/v1/shard.proto"), root.join("tether/worker/v1/worker.proto")],
-            &[root.clone()],
+            std::slice::from_ref(&root),
         )
         .expect("protoc compiles the contracts");
     let after = snapshot(&out);

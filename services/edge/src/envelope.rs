@@ -41,6 +41,7 @@ pub struct Rejection {
 
 impl Envelope {
     /// Parses and checks an envelope. Non-JSON and non-object input is `invalid_json`.
+    #[allow(clippy::result_large_err, reason = "a rejection is answered at once, never propagated further")]
     pub fn parse(bytes: &[u8]) -> Result<Self, Rejection> {
         let reject = |error: ApiError, stream_id: Option<String>| Rejection { error, stream_id };
         let raw: RawEnvelope = match serde_json::from_slice(bytes) {

@@ -60,12 +60,12 @@ async fn become_ready(workers: WorkerPool, readiness: Readiness, stop: Cancellat
             _ = tick.tick() => {}
         }
         let Some(worker) = workers.any() else { continue };
-        if let Ok(reply) = worker.client.clone().list_models(ListModelsRequest {}).await {
-            if !reply.into_inner().models.is_empty() {
-                readiness.set(true);
-                tracing::info!("edge ready");
-                return;
-            }
+        if let Ok(reply) = worker.client.clone().list_models(ListModelsRequest {}).await
+            && !reply.into_inner().models.is_empty()
+        {
+            readiness.set(true);
+            tracing::info!("edge ready");
+            return;
         }
     }
 }

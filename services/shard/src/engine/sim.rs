@@ -150,7 +150,7 @@ impl Engine for SimEngine {
     }
 
     fn validate(&self, job: &Job) -> Result<(), ShardError> {
-        if !self.config.models.iter().any(|m| *m == job.model) {
+        if !self.config.models.contains(&job.model) {
             return Err(ShardError::UnknownModel(job.model.clone()));
         }
         self.plan_output(job).map(|_| ())

@@ -58,11 +58,10 @@ pub fn synthesize(schema: &Value, seed: u64, depth: u32) -> Value {
     if depth > 8 {
         return Value::Null;
     }
-    if let Some(options) = schema.get("enum").and_then(Value::as_array) {
-        if !options.is_empty() {
+    if let Some(options) = schema.get("enum").and_then(Value::as_array)
+        && !options.is_empty() {
             return options[(seed % options.len() as u64) as usize].clone();
         }
-    }
     if let Some(constant) = schema.get("const") {
         return constant.clone();
     }
@@ -96,7 +95,7 @@ pub fn synthesize(schema: &Value, seed: u64, depth: u32) -> Value {
         }
         "integer" => json!(seed % 100),
         "number" => json!((seed % 1000) as f64 / 10.0),
-        "boolean" => json!(seed % 2 == 0),
+        "boolean" => json!(seed.is_multiple_of(2)),
         "null" => Value::Null,
         _ => json!(format!("value-{}", seed % 10_000)),
     }

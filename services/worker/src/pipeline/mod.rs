@@ -85,13 +85,11 @@ async fn prepare_turn(ctx: &Arc<WorkerContext>, turn: &TurnRequest) -> Result<Pr
     } else {
         CreateRequest::parse(&turn.body, &ctx.default_model)?
     };
-    if let Some(previous) = &request.previous_response_id {
-        if ctx.cache.get(&turn.tenant, previous).is_none() {
-            if let Some(id) = tether_common::ResponseId::parse(previous) {
+    if let Some(previous) = &request.previous_response_id
+        && ctx.cache.get(&turn.tenant, previous).is_none()
+            && let Some(id) = tether_common::ResponseId::parse(previous) {
                 replication::pull(ctx, &turn.tenant, previous, id.session_key().0).await;
             }
-        }
-    }
     if large {
         let (ctx, turn) = (ctx.clone(), turn.clone());
         tokio::task::spawn_blocking(move || prepare::prepare(&ctx, &turn, request)).await.expect("prepare does not panic")
