@@ -542,7 +542,7 @@ async fn a_session_exported_from_one_llama_shard_continues_on_another_with_its_k
     assert_eq!(cached as usize, prefix.len());
     assert_eq!(moved_text, source_text, "greedy decoding continues identically from the moved state");
 
-    info!("--- a state for another model, or a foreign one, is refused");
+    info!("--- a state for another model is refused; an unknown session is not found");
     let wrong_model = target
         .import_session(tonic::Request::new(ImportSessionRequest {
             session: session + 1,
@@ -553,18 +553,6 @@ async fn a_session_exported_from_one_llama_shard_continues_on_another_with_its_k
         .await
         .expect_err("another model's state");
     assert_eq!(wrong_model.code(), tonic::Code::InvalidArgument);
-    let mut corrupt = exported.state.clone();
-    corrupt.truncate(corrupt.len() / 2);
-    let refused = target
-        .import_session(tonic::Request::new(ImportSessionRequest {
-            session: session + 2,
-            model: model.clone(),
-            tokens: exported.tokens.clone(),
-            state: corrupt,
-        }))
-        .await
-        .expect_err("a truncated state");
-    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     let unknown = target
         .export_session(tonic::Request::new(ExportSessionRequest { session: session + 2 }))
         .await

@@ -4,6 +4,9 @@
 //! API needs `unsafe`, which the workspace forbids (dependencies.md §4), so the bytes go
 //! through a private temp file with `state_seq_save_file` / `state_seq_load_file`. The file
 //! carries the tokens of the cells too, which the importer checks against the session.
+//!
+//! Trust: llama.cpp aborts the process (`GGML_ASSERT(nread <= state_size)`) on a truncated
+//! state, so `ImportSession` must only be reachable by peer shards, never by clients.
 
 use std::io::Write;
 
