@@ -153,6 +153,11 @@ impl Cluster {
         .await;
     }
 
+    /// The shard node with `id`.
+    pub fn shard(&mut self, id: &str) -> &mut Node {
+        self.shards.iter_mut().find(|node| node.id == id).unwrap_or_else(|| panic!("no shard {id}"))
+    }
+
     /// The worker node with `id`.
     pub fn worker(&mut self, id: &str) -> &mut Node {
         self.workers.iter_mut().find(|node| node.id == id).unwrap_or_else(|| panic!("no worker {id}"))

@@ -390,3 +390,173 @@ async fn benchmark_kv_reuse() {
         println!("| ~{mean} tokens | {held} | 8192 / 16 |");
     }
 }
+
+// === session migration between two llama engines ===
+
+/// A llama shard service in this process, without a network: the engine, its KV-cache
+/// bookkeeping and the gRPC service around them, called directly.
+async fn llama_service(id: &str, config: LlamaConfig) -> tether_shard::grpc::ShardService {
+    use std::sync::Arc;
+
+    use tether_shard::engine::llama::LlamaEngine;
+    use tether_shard::kv_cache::KvCache;
+
+    let cache = Arc::new(KvCache::new(u64::from(config.context_tokens)));
+    let evicted = cache.clone();
+    let on_evict = Box::new(move |session: u64| {
+        evicted.drop_session(session);
+    });
+    let engine = tokio::task::spawn_blocking(move || LlamaEngine::start(config, on_evict))
+        .await
+        .expect("engine start")
+        .expect("the model loads");
+    let serving = tether_common::ops::Readiness::default();
+    serving.set(true);
+    tether_shard::grpc::ShardService::new(id.to_owned(), Arc::new(engine), cache, serving)
+}
+
+/// Runs a `Generate` to its end; returns (cached tokens, generated text).
+async fn generate_on(
+    service: &tether_shard::grpc::ShardService,
+    request: tether_proto::shard::v1::GenerateRequest,
+) -> (u32, String) {
+    use futures_util::StreamExt;
+    use tether_proto::shard::v1::generate_chunk::Kind;
+    use tether_proto::shard::v1::shard_server::Shard;
+
+    let mut stream = service
+        .generate(tonic::Request::new(request))
+        .await
+        .expect("generate")
+        .into_inner();
+    let mut text = String::new();
+    while let Some(chunk) = within(Duration::from_secs(120), "a chunk", stream.next()).await {
+        match chunk.expect("chunk").kind {
+            Some(Kind::Tokens(tokens)) => text.push_str(&tokens.text),
+            Some(Kind::Finished(finished)) => {
+                return (finished.usage.expect("usage").cached_tokens, text);
+            }
+            Some(Kind::CacheMiss(miss)) => panic!("cache miss (held {})", miss.held_len),
+            None => {}
+        }
+    }
+    panic!("the stream ended without finishing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_exported_from_one_llama_shard_continues_on_another_with_its_kv_cache() {
+    use std::time::Instant;
+
+    use tether_common::tokens::PrefixHash;
+    use tether_proto::shard::v1::shard_server::Shard;
+    use tether_proto::shard::v1::{
+        ExportSessionRequest, GenerateRequest, ImportSessionRequest, Sampling,
+    };
+    use tether_shard::engine::llama::model::ChatVocabulary;
+
+    tether_common::telemetry::init_for_test();
+    let path = model_path();
+    let vocabulary = ChatVocabulary::load(&path).expect("vocabulary");
+    let mut config = LlamaConfig::new(path);
+    config.context_tokens = 2048;
+    config.sequences = 4;
+    config.threads = 2;
+    let model = config.model_name.clone();
+    let source = llama_service("source", config.clone()).await;
+    let target = llama_service("target", config).await;
+
+    let prefix = vocabulary.encode(
+        &format!(
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n",
+            long_context()
+        ),
+        true,
+    );
+    let follow_up = vocabulary.encode("<|im_start|>assistant\n", true);
+    let session = 0x5e55_1011;
+    let turn = |prefix_len: u32, prefix_hash: u64, tokens: Vec<u32>, prefill_only: bool| GenerateRequest {
+        session,
+        model: model.clone(),
+        prefix_len,
+        prefix_hash,
+        tokens,
+        full: false,
+        sampling: Some(Sampling {
+            temperature: Some(0.0),
+            top_p: None,
+            max_output_tokens: 12,
+        }),
+        tools: None,
+        hints: Default::default(),
+        prefill_only,
+    };
+
+    info!("--- prefill {} tokens on the source", prefix.len());
+    let (cached, _) = generate_on(&source, turn(0, 0, prefix.clone(), true)).await;
+    assert_eq!(cached, 0);
+
+    info!("--- export from the source, import on the target");
+    let started = Instant::now();
+    let exported = source
+        .export_session(tonic::Request::new(ExportSessionRequest { session }))
+        .await
+        .expect("export")
+        .into_inner();
+    let export_time = started.elapsed();
+    assert!(exported.found);
+    assert_eq!(exported.model, model);
+    assert_eq!(exported.tokens, prefix);
+    let bytes = exported.state.len();
+    assert!(bytes > prefix.len() * 1000, "a real KV state: {bytes} bytes for {} tokens", prefix.len());
+    let started = Instant::now();
+    let imported = target
+        .import_session(tonic::Request::new(ImportSessionRequest {
+            session,
+            model: exported.model.clone(),
+            tokens: exported.tokens.clone(),
+            state: exported.state.clone(),
+        }))
+        .await
+        .expect("import")
+        .into_inner();
+    let import_time = started.elapsed();
+    assert!(imported.imported);
+    assert_eq!(imported.held_len as usize, prefix.len());
+    let tokens = prefix.len() as f64;
+    println!(
+        "session state of {} tokens: {bytes} bytes ({:.1} KiB/token); export {:.1} ms ({:.1} µs/token), import {:.1} ms ({:.1} µs/token)",
+        prefix.len(),
+        bytes as f64 / tokens / 1024.0,
+        export_time.as_secs_f64() * 1e3,
+        export_time.as_secs_f64() * 1e6 / tokens,
+        import_time.as_secs_f64() * 1e3,
+        import_time.as_secs_f64() * 1e6 / tokens,
+    );
+
+    info!("--- the next turn claims the prefix on both shards");
+    let claim = PrefixHash::of(&prefix).value();
+    let (cached, moved_text) = generate_on(&target, turn(prefix.len() as u32, claim, follow_up.clone(), false)).await;
+    assert_eq!(cached as usize, prefix.len(), "the imported prefix is a cache hit");
+    assert_real_text(&moved_text);
+    let (cached, source_text) = generate_on(&source, turn(prefix.len() as u32, claim, follow_up, false)).await;
+    assert_eq!(cached as usize, prefix.len());
+    assert_eq!(moved_text, source_text, "greedy decoding continues identically from the moved state");
+
+    info!("--- a state for another model is refused; an unknown session is not found");
+    let wrong_model = target
+        .import_session(tonic::Request::new(ImportSessionRequest {
+            session: session + 1,
+            model: "another-model".into(),
+            tokens: exported.tokens.clone(),
+            state: exported.state.clone(),
+        }))
+        .await
+        .expect_err("another model's state");
+    assert_eq!(wrong_model.code(), tonic::Code::InvalidArgument);
+    let unknown = target
+        .export_session(tonic::Request::new(ExportSessionRequest { session: session + 2 }))
+        .await
+        .expect("export of an unknown session")
+        .into_inner();
+    assert!(!unknown.found);
+}

@@ -165,6 +165,52 @@ pub struct InfoResponse {
     pub cache_misses: u64,
 }
 #[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExportSessionRequest {
+    #[prost(fixed64, tag = "1")]
+    pub session: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExportSessionResponse {
+    /// False when the shard holds nothing for the session (the other fields are empty).
+    #[prost(bool, tag = "1")]
+    pub found: bool,
+    /// The model whose KV cache `state` is.
+    #[prost(string, tag = "2")]
+    pub model: ::prost::alloc::string::String,
+    /// The tokens the shard holds for the session, in order.
+    #[prost(uint32, repeated, tag = "3")]
+    pub tokens: ::prost::alloc::vec::Vec<u32>,
+    /// Engine-specific state for `tokens`: empty for the sim engine, llama.cpp's per-sequence
+    /// state (`llama_state_seq_*`) for the llama engine. Only an engine of the same kind and
+    /// model can import it.
+    #[prost(bytes = "vec", tag = "4")]
+    pub state: ::prost::alloc::vec::Vec<u8>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ImportSessionRequest {
+    #[prost(fixed64, tag = "1")]
+    pub session: u64,
+    #[prost(string, tag = "2")]
+    pub model: ::prost::alloc::string::String,
+    #[prost(uint32, repeated, tag = "3")]
+    pub tokens: ::prost::alloc::vec::Vec<u32>,
+    /// As in `ExportSessionResponse.state`.
+    #[prost(bytes = "vec", tag = "4")]
+    pub state: ::prost::alloc::vec::Vec<u8>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ImportSessionResponse {
+    #[prost(bool, tag = "1")]
+    pub imported: bool,
+    /// Tokens the shard now holds for the session.
+    #[prost(uint32, tag = "2")]
+    pub held_len: u32,
+}
+#[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum ToolChoice {
@@ -387,6 +433,58 @@ pub mod shard_client {
                 .insert(GrpcMethod::new("tether.shard.v1.Shard", "Info"));
             self.inner.unary(req, path, codec).await
         }
+        /// Exports a session's KV cache (its tokens and the engine's state for them), so another
+        /// shard can import it: a draining shard hands its sessions to their next owners this way.
+        pub async fn export_session(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ExportSessionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ExportSessionResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tether.shard.v1.Shard/ExportSession",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tether.shard.v1.Shard", "ExportSession"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Imports a session exported by another shard of the same engine and model; the
+        /// session's next turn can then claim the imported tokens as its cached prefix.
+        pub async fn import_session(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ImportSessionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ImportSessionResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tether.shard.v1.Shard/ImportSession",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tether.shard.v1.Shard", "ImportSession"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -426,6 +524,24 @@ pub mod shard_server {
             &self,
             request: tonic::Request<super::InfoRequest>,
         ) -> std::result::Result<tonic::Response<super::InfoResponse>, tonic::Status>;
+        /// Exports a session's KV cache (its tokens and the engine's state for them), so another
+        /// shard can import it: a draining shard hands its sessions to their next owners this way.
+        async fn export_session(
+            &self,
+            request: tonic::Request<super::ExportSessionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ExportSessionResponse>,
+            tonic::Status,
+        >;
+        /// Imports a session exported by another shard of the same engine and model; the
+        /// session's next turn can then claim the imported tokens as its cached prefix.
+        async fn import_session(
+            &self,
+            request: tonic::Request<super::ImportSessionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ImportSessionResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct ShardServer<T> {
@@ -620,6 +736,96 @@ pub mod shard_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = InfoSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tether.shard.v1.Shard/ExportSession" => {
+                    #[allow(non_camel_case_types)]
+                    struct ExportSessionSvc<T: Shard>(pub Arc<T>);
+                    impl<
+                        T: Shard,
+                    > tonic::server::UnaryService<super::ExportSessionRequest>
+                    for ExportSessionSvc<T> {
+                        type Response = super::ExportSessionResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ExportSessionRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Shard>::export_session(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ExportSessionSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tether.shard.v1.Shard/ImportSession" => {
+                    #[allow(non_camel_case_types)]
+                    struct ImportSessionSvc<T: Shard>(pub Arc<T>);
+                    impl<
+                        T: Shard,
+                    > tonic::server::UnaryService<super::ImportSessionRequest>
+                    for ImportSessionSvc<T> {
+                        type Response = super::ImportSessionResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ImportSessionRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Shard>::import_session(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ImportSessionSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

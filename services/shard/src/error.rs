@@ -18,6 +18,10 @@ pub enum ShardError {
     /// answered as a cache miss, so the worker resends the whole prompt.
     #[error("the session's cached prefix was evicted")]
     SequenceLost,
+    /// An imported session's state does not fit this shard (another model or engine kind, or
+    /// a state the engine could not load).
+    #[error("session state not importable: {0}")]
+    IncompatibleState(String),
     #[error("engine: {0}")]
     Engine(String),
     #[error("registration failed: {0}")]
@@ -35,6 +39,7 @@ impl ShardError {
                 ErrorClass::InvalidRequest
             }
             ShardError::ContextExceeded { .. } => ErrorClass::InvalidRequest,
+            ShardError::IncompatibleState(_) => ErrorClass::InvalidRequest,
             ShardError::NotServing | ShardError::SequenceLost => ErrorClass::Unavailable,
             ShardError::Engine(_) => ErrorClass::Internal,
             ShardError::Discovery(_) => ErrorClass::Unavailable,

@@ -8,8 +8,9 @@ use tether_common::tokens::PrefixHash;
 use tether_proto::shard::v1::generate_chunk::Kind;
 use tether_proto::shard::v1::shard_server::Shard;
 use tether_proto::shard::v1::{
-    CacheMiss, DropSessionRequest, DropSessionResponse, Finished, GenerateChunk, GenerateRequest,
-    InfoRequest, InfoResponse, Timings, Tokens, Usage,
+    CacheMiss, DropSessionRequest, DropSessionResponse, ExportSessionRequest, ExportSessionResponse, Finished,
+    GenerateChunk, GenerateRequest, ImportSessionRequest, ImportSessionResponse, InfoRequest, InfoResponse, Timings,
+    Tokens, Usage,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -19,7 +20,9 @@ use tonic::{Request, Response, Status};
 use crate::engine::{Engine, Job};
 use crate::kv_cache::{KvCache, Lookup};
 use crate::metrics as m;
+use crate::migration;
 
+#[derive(Clone)]
 pub struct ShardService {
     id: String,
     engine: Arc<dyn Engine>,
@@ -30,6 +33,11 @@ pub struct ShardService {
 impl ShardService {
     pub fn new(id: String, engine: Arc<dyn Engine>, cache: Arc<KvCache>, serving: Readiness) -> Self {
         ShardService { id, engine, cache, serving }
+    }
+
+    /// Hands every held session to its next owner (see [`migration::hand_off`]).
+    pub async fn hand_off(&self, peers: &crate::peers::ShardPeers, deadline: std::time::Instant) -> usize {
+        migration::hand_off(self.engine.as_ref(), &self.cache, peers, deadline).await
     }
 }
 
@@ -159,6 +167,27 @@ impl Shard for ShardService {
         let dropped = self.cache.drop_session(session);
         self.engine.drop_session(session);
         Ok(Response::new(DropSessionResponse { dropped }))
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %format_args!("{:016x}", request.get_ref().session)))]
+    async fn export_session(&self, request: Request<ExportSessionRequest>) -> Result<Response<ExportSessionResponse>, Status> {
+        let exported = migration::export(self.engine.as_ref(), &self.cache, request.into_inner().session).await?;
+        Ok(Response::new(exported.unwrap_or_default()))
+    }
+
+    #[tracing::instrument(skip_all, fields(session = %format_args!("{:016x}", request.get_ref().session)))]
+    async fn import_session(&self, request: Request<ImportSessionRequest>) -> Result<Response<ImportSessionResponse>, Status> {
+        // A draining or fenced shard takes no sessions: they would leave again with it.
+        if !self.serving.is_ready() {
+            return Err(crate::ShardError::NotServing.into());
+        }
+        let request = request.into_inner();
+        let (tokens, bytes) = (request.tokens.len(), request.state.len());
+        let held_len = migration::import(self.engine.as_ref(), &self.cache, request).await.inspect_err(|error| {
+            tracing::warn!(%error, tokens, bytes, "session import refused");
+        })?;
+        tracing::debug!(tokens, bytes, "session imported");
+        Ok(Response::new(ImportSessionResponse { imported: true, held_len }))
     }
 
     async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {

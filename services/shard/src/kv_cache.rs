@@ -141,6 +141,22 @@ impl KvCache {
         self.evict_over_budget();
     }
 
+    /// Returns the held sessions, most recently used first (does not change the order).
+    pub fn sessions(&self) -> Vec<u64> {
+        self.entries.lock().iter().map(|(session, _)| *session).collect()
+    }
+
+    /// Returns the tokens `session` holds, to move it to another shard (counts as a use).
+    pub fn export(&self, session: u64) -> Option<Vec<u32>> {
+        self.entries.lock().get(&session).map(|entry| entry.tokens.clone())
+    }
+
+    /// Records that `session` holds `tokens`, imported from another shard: replaces what it
+    /// held here, as the most recently used session, within the token budget.
+    pub fn import(&self, session: u64, tokens: Vec<u32>) {
+        self.replace(session, tokens);
+    }
+
     pub fn drop_session(&self, session: u64) -> bool {
         let removed = self.entries.lock().pop(&session);
         if let Some(entry) = &removed {
@@ -203,6 +219,44 @@ mod tests {
         // A fork from an earlier prefix still hits.
         let fork_hash = PrefixHash::of(&all[..5]).value();
         assert!(matches!(cache.lookup_prefix(1, 5, fork_hash, &[99]), Lookup::Hit { cached: 5, .. }));
+    }
+
+    #[test]
+    fn an_exported_session_imports_elsewhere_and_its_next_turn_hits() {
+        let source = KvCache::new(1_000);
+        assert_eq!(source.export(1), None, "nothing held, nothing exported");
+        let turn: Vec<u32> = (0..8).collect();
+        source.replace(1, turn.clone());
+        source.extend(1, 8, PrefixHash::of(&turn).value(), &[&[8, 9], &[10]]);
+        let tokens = source.export(1).expect("held");
+        assert_eq!(tokens, (0..11).collect::<Vec<_>>());
+
+        let target = KvCache::new(1_000);
+        let claim = PrefixHash::of(&tokens).value();
+        assert_eq!(target.lookup_prefix(1, 11, claim, &[11]), Lookup::Miss { held: 0 });
+        target.import(1, tokens.clone());
+        assert_eq!(target.stats().tokens, 11);
+        assert!(matches!(target.lookup_prefix(1, 11, claim, &[11]), Lookup::Hit { cached: 11, .. }));
+        // An import replaces what the session held before.
+        target.import(1, vec![7; 4]);
+        assert_eq!(target.export(1), Some(vec![7; 4]));
+        assert_eq!(target.stats().tokens, 4);
+    }
+
+    #[test]
+    fn an_import_respects_the_budget_and_evicts_the_least_recently_used() {
+        let cache = KvCache::new(100);
+        cache.replace(1, vec![1; 50]);
+        cache.replace(2, vec![2; 40]);
+        assert!(cache.export(1).is_some()); // touch 1: 2 is now least recently used
+        cache.import(3, vec![3; 30]);
+        assert_eq!(cache.export(2), None, "session 2 was evicted for the import");
+        assert_eq!(cache.export(3).map(|t| t.len()), Some(30));
+        assert_eq!(cache.stats().tokens, 80);
+        // An import larger than the whole budget is not held.
+        cache.import(4, vec![4; 101]);
+        assert!(cache.stats().tokens <= 100);
+        assert_eq!(cache.export(4), None);
     }
 
     #[test]

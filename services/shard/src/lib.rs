@@ -7,6 +7,8 @@ pub mod error;
 pub mod grpc;
 pub mod kv_cache;
 pub mod metrics;
+pub mod migration;
+pub mod peers;
 mod server;
 
 pub use config::{ShardArgs, ShardConfig};

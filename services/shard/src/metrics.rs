@@ -10,6 +10,8 @@ pub const DECODE_TOKENS: &str = "tether_shard_decode_tokens_total";
 pub const QUEUE_SECONDS: &str = "tether_shard_queue_seconds";
 pub const TTFT_SECONDS: &str = "tether_shard_ttft_seconds";
 pub const SLOTS_BUSY: &str = "tether_shard_slots_busy";
+pub const SESSIONS_HANDED_OFF: &str = "tether_shard_sessions_handed_off_total";
+pub const SESSIONS_IMPORTED: &str = "tether_shard_sessions_imported_total";
 
 pub fn describe() {
     metrics::describe_counter!(GENERATE_TOTAL, "Generate calls by outcome");
@@ -22,4 +24,6 @@ pub fn describe() {
     metrics::describe_histogram!(QUEUE_SECONDS, metrics::Unit::Seconds, "Wait for a decode slot");
     metrics::describe_histogram!(TTFT_SECONDS, metrics::Unit::Seconds, "Engine time to first token");
     metrics::describe_gauge!(SLOTS_BUSY, "Decode slots in use");
+    metrics::describe_counter!(SESSIONS_HANDED_OFF, "Sessions a draining shard moved to their next owner");
+    metrics::describe_counter!(SESSIONS_IMPORTED, "Sessions imported from another shard");
 }

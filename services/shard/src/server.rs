@@ -15,6 +15,7 @@ use crate::engine::sim::SimEngine;
 use crate::error::ShardError;
 use crate::grpc::ShardService;
 use crate::kv_cache::KvCache;
+use crate::peers::{MAX_MESSAGE_BYTES, ShardPeers};
 
 /// Serves a shard on `listener` until `shutdown`, registered in `discovery`.
 pub async fn serve(
@@ -33,7 +34,15 @@ pub async fn serve(
     let serving = Readiness::default();
 
     let service = ShardService::new(id.clone(), engine, cache, serving.clone());
-    let router = tonic::service::Routes::new(ShardServer::new(service))
+    // Membership is followed through the hand-off, until `serve` returns.
+    let peers_stop = CancellationToken::new();
+    let _peers_guard = peers_stop.clone().drop_guard();
+    let peers = ShardPeers::start(discovery.as_ref(), &id, peers_stop);
+    let router = tonic::service::Routes::new(
+        ShardServer::new(service.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
         .into_axum_router()
         .merge(ops::router(serving.clone()));
 
@@ -47,11 +56,15 @@ pub async fn serve(
         stop_serving.cancel();
         return Ok(());
     };
-    // Deregister first so workers stop routing here, then stop accepting and drain.
+    // One deadline for the whole drain. Stop taking turns, then, still registered so the ring
+    // the peers compute still has this shard, hand each session to its owner without it: the
+    // workers route there next once the lease is revoked. Then deregister and drain.
+    let deadline = std::time::Instant::now() + config.shutdown_grace;
     serving.set(false);
+    service.hand_off(&peers, deadline).await;
     registration.revoke().await;
     stop_serving.cancel();
-    match tokio::time::timeout(config.shutdown_grace, server).await {
+    match tokio::time::timeout_at(deadline.into(), server).await {
         Ok(Ok(result)) => result.map_err(ShardError::Io),
         Ok(Err(join)) => Err(ShardError::Io(std::io::Error::other(join))),
         Err(_) => Err(ShardError::ShutdownDeadline),

@@ -13,6 +13,7 @@
 pub mod model;
 mod runner;
 pub mod sequences;
+mod state;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -21,9 +22,9 @@ use std::time::Instant;
 use serde_json::Value;
 use tether_common::discovery::BoxFuture;
 use tether_proto::shard::v1::{ToolChoice, ToolSpec};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use self::runner::{Command, Event, OnEvict, Runner, Submission};
+use self::runner::{Command, Event, Import, OnEvict, Runner, Submission};
 use super::{Engine, Job, Outcome, Piece};
 use crate::config::LlamaConfig;
 use crate::error::ShardError;
@@ -159,6 +160,23 @@ impl Engine for LlamaEngine {
 
     fn drop_session(&self, session: u64) {
         let _ = self.commands.send(Command::Drop(session));
+    }
+
+    fn export_session(&self, session: u64) -> BoxFuture<'_, Result<Option<Vec<u8>>, ShardError>> {
+        Box::pin(async move {
+            let (reply, result) = oneshot::channel();
+            self.commands.send(Command::Export { session, reply }).map_err(|_| ShardError::NotServing)?;
+            result.await.map_err(|_| ShardError::Engine("the engine thread stopped".into()))?
+        })
+    }
+
+    fn import_session(&self, session: u64, tokens: Vec<u32>, state: Vec<u8>) -> BoxFuture<'_, Result<(), ShardError>> {
+        Box::pin(async move {
+            let (reply, result) = oneshot::channel();
+            let import = Import { session, tokens, state, reply };
+            self.commands.send(Command::Import(Box::new(import))).map_err(|_| ShardError::NotServing)?;
+            result.await.map_err(|_| ShardError::Engine("the engine thread stopped".into()))?
+        })
     }
 }
 

@@ -66,4 +66,21 @@ pub trait Engine: Send + Sync + 'static {
     fn run(&self, job: Job, out: mpsc::Sender<Piece>) -> BoxFuture<'_, Result<Outcome, ShardError>>;
     /// Frees whatever the engine holds for `session` (the KV cache bookkeeping dropped it).
     fn drop_session(&self, _session: u64) {}
+    /// Returns the engine's state for `session`'s cached tokens, to import on another shard;
+    /// `None` when the engine holds nothing for it (or cannot export it now, mid-turn). The
+    /// default suits an engine without per-session state (the sim): an empty state.
+    fn export_session(&self, _session: u64) -> BoxFuture<'_, Result<Option<Vec<u8>>, ShardError>> {
+        Box::pin(async { Ok(Some(Vec::new())) })
+    }
+    /// Loads `state` exported by an engine of the same kind and model, so `session` holds
+    /// `tokens`. The default suits an engine without per-session state: nothing to load.
+    fn import_session(&self, _session: u64, _tokens: Vec<u32>, state: Vec<u8>) -> BoxFuture<'_, Result<(), ShardError>> {
+        Box::pin(async move {
+            if state.is_empty() {
+                Ok(())
+            } else {
+                Err(ShardError::IncompatibleState(format!("{} engine keeps no session state; got {} bytes", self.name(), state.len())))
+            }
+        })
+    }
 }

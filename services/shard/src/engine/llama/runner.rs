@@ -22,9 +22,11 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tether_proto::shard::v1::{FinishReason, Sampling};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
 
 use super::model::{self, Utf8Stream};
 use super::sequences::{Resume, SequenceTable};
+use super::state;
 use crate::config::LlamaConfig;
 use crate::engine::{Job, Outcome, Piece};
 use crate::error::ShardError;
@@ -38,6 +40,21 @@ pub enum Command {
     Run(Box<Submission>),
     /// The shard's bookkeeping dropped the session: free its sequence.
     Drop(u64),
+    /// Save an idle session's sequence state (`None`: not held, or mid-turn).
+    Export {
+        session: u64,
+        reply: oneshot::Sender<Result<Option<Vec<u8>>, ShardError>>,
+    },
+    /// Load a session exported by another shard into a sequence of its own.
+    Import(Box<Import>),
+}
+
+pub struct Import {
+    pub session: u64,
+    /// What the shard's bookkeeping will hold: the state's tokens, then at most one pending.
+    pub tokens: Vec<u32>,
+    pub state: Vec<u8>,
+    pub reply: oneshot::Sender<Result<(), ShardError>>,
 }
 
 pub struct Submission {
@@ -181,7 +198,70 @@ impl<'m> Runner<'m> {
                     self.free(session);
                 }
             }
+            Command::Export { session, reply } => {
+                let _ = reply.send(self.export(session));
+            }
+            Command::Import(import) => {
+                let Import { session, tokens, state, reply } = *import;
+                let _ = reply.send(self.import(session, &tokens, &state));
+            }
         }
+    }
+
+    // === session migration ===
+
+    fn export(&mut self, session: u64) -> Result<Option<Vec<u8>>, ShardError> {
+        match self.table.get(session) {
+            // A running turn is changing the cells: the session is not exportable now.
+            Some(slot) if !slot.active => state::save(&self.ctx, slot.seq, &slot.tokens).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Loads an exported session into a sequence of its own, replacing what it held here and
+    /// evicting least recently used idle sessions for room, as admission does.
+    fn import(&mut self, session: u64, tokens: &[u32], state: &[u8]) -> Result<(), ShardError> {
+        if self.table.get(session).is_some_and(|slot| slot.active) {
+            return Err(ShardError::IncompatibleState("the session has a turn running here".into()));
+        }
+        self.free(session);
+        let capacity = self.config.context_tokens as usize;
+        if tokens.len() > capacity {
+            return Err(ShardError::ContextExceeded { needed: tokens.len() as u32, capacity: capacity as u32 });
+        }
+        loop {
+            let reserved: usize = self.active.iter().map(Active::reserved).sum();
+            if self.table.has_free() && self.table.held_tokens() + reserved + tokens.len() <= capacity {
+                break;
+            }
+            match self.table.least_recently_used(Some(session)) {
+                Some(victim) => self.evict(victim),
+                None => return Err(ShardError::Engine("no room for the imported session".into())),
+            }
+        }
+        let seq = self.table.allocate(session).expect("a free sequence was ensured").seq;
+        let loaded = match state::load(&mut self.ctx, seq, state, tokens.len()) {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                self.free(session);
+                return Err(error);
+            }
+        };
+        // The cells hold the session's tokens, possibly but for its last sampled one (pending).
+        if !tokens.starts_with(&loaded) || tokens.len() - loaded.len() > 1 {
+            self.free(session);
+            return Err(ShardError::IncompatibleState(format!(
+                "the state holds {} tokens that do not lead the session's {}",
+                loaded.len(),
+                tokens.len()
+            )));
+        }
+        let slot = self.table.get_mut(session).expect("allocated above");
+        slot.pending = tokens[loaded.len()..].to_vec();
+        slot.tokens = loaded;
+        self.table.touch(session);
+        tracing::debug!(session = %format_args!("{session:016x}"), seq, tokens = tokens.len(), bytes = state.len(), "llama session imported");
+        Ok(())
     }
 
     // === admission ===

@@ -1,0 +1,114 @@
+//! Moving a session's KV cache between shards: an export is the bookkeeping's tokens plus the
+//! engine's state for them; an import loads both on another shard of the same engine and
+//! model. A draining shard hands every session it holds to the shard that owns it once this
+//! one has left the ring, so the worker's next turn there claims its prefix and hits.
+//!
+//! A session changed by a turn between its export and its import (the drain lets in-flight
+//! turns finish) arrives shorter than the worker believes: that turn misses and the worker
+//! resends the full prompt, whose longest held prefix still counts as cached.
+
+use std::time::Instant;
+
+use tether_proto::shard::v1::{ExportSessionResponse, ImportSessionRequest};
+
+use crate::engine::Engine;
+use crate::error::ShardError;
+use crate::kv_cache::KvCache;
+use crate::metrics as m;
+use crate::peers::ShardPeers;
+
+/// Returns `session`'s tokens and engine state; `None` when nothing exportable is held.
+pub async fn export(
+    engine: &dyn Engine,
+    cache: &KvCache,
+    session: u64,
+) -> Result<Option<ExportSessionResponse>, ShardError> {
+    let Some(tokens) = cache.export(session) else {
+        return Ok(None);
+    };
+    let Some(state) = engine.export_session(session).await? else {
+        return Ok(None);
+    };
+    // A shard serves one model (the sim's state does not depend on the model name).
+    let model = engine.models().first().cloned().unwrap_or_default();
+    Ok(Some(ExportSessionResponse {
+        found: true,
+        model,
+        tokens,
+        state,
+    }))
+}
+
+/// Loads an exported session; returns how many tokens the session now holds here.
+pub async fn import(engine: &dyn Engine, cache: &KvCache, request: ImportSessionRequest) -> Result<u32, ShardError> {
+    if !engine.models().contains(&request.model) {
+        return Err(ShardError::IncompatibleState(format!(
+            "model {:?} is not served by this shard",
+            request.model
+        )));
+    }
+    let held = request.tokens.len() as u32;
+    engine
+        .import_session(request.session, request.tokens.clone(), request.state)
+        .await?;
+    cache.import(request.session, request.tokens);
+    metrics::counter!(m::SESSIONS_IMPORTED).increment(1);
+    Ok(held)
+}
+
+/// Hands every held session, most recently used first, to its owner on the ring without this
+/// shard. Stops at `deadline`; returns how many sessions moved.
+pub async fn hand_off(engine: &dyn Engine, cache: &KvCache, peers: &ShardPeers, deadline: Instant) -> usize {
+    let started = Instant::now();
+    let sessions = cache.sessions();
+    let mut moved = 0;
+    for &session in &sessions {
+        let Some((peer, mut client)) = peers.next_owner(session) else {
+            tracing::info!(sessions = sessions.len(), "no other shard to hand sessions to");
+            break;
+        };
+        let exported = match export(engine, cache, session).await {
+            Ok(Some(exported)) => exported,
+            Ok(None) => continue,
+            Err(error) => {
+                tracing::warn!(session = %format_args!("{session:016x}"), %error, "session export failed");
+                continue;
+            }
+        };
+        let (tokens, bytes) = (exported.tokens.len(), exported.state.len());
+        let request = ImportSessionRequest {
+            session,
+            model: exported.model,
+            tokens: exported.tokens,
+            state: exported.state,
+        };
+        match tokio::time::timeout_at(deadline.into(), client.import_session(request)).await {
+            Ok(Ok(reply)) if reply.get_ref().imported => {
+                moved += 1;
+                tracing::debug!(session = %format_args!("{session:016x}"), peer = %peer, tokens, bytes, "session handed off");
+            }
+            Ok(Ok(_)) => {
+                tracing::warn!(session = %format_args!("{session:016x}"), peer = %peer, "session hand-off not imported")
+            }
+            Ok(Err(status)) => {
+                tracing::warn!(session = %format_args!("{session:016x}"), peer = %peer, code = ?status.code(), "session hand-off refused")
+            }
+            Err(_) => {
+                tracing::warn!(
+                    moved,
+                    left = sessions.len() - moved,
+                    "shutdown deadline reached during the session hand-off"
+                );
+                break;
+            }
+        }
+    }
+    metrics::counter!(m::SESSIONS_HANDED_OFF).increment(moved as u64);
+    tracing::info!(
+        moved,
+        held = sessions.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "sessions handed off"
+    );
+    moved
+}
