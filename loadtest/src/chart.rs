@@ -28,20 +28,13 @@ const P99_COLOR: RGBColor = RGBColor(234, 67, 53);
 /// Draws the chart to `path`; returns an error (the caller warns) if no font can be loaded.
 pub fn draw(report: &Report, path: &Path, font: Option<&Path>) -> anyhow::Result<()> {
     register_font(font)?;
-    let modes: Vec<&ModeReport> = report
-        .modes
-        .iter()
-        .filter(|m| m.skipped.is_none())
-        .collect();
+    let modes: Vec<&ModeReport> = report.modes.iter().filter(|m| m.skipped.is_none()).collect();
     if modes.is_empty() {
         bail!("no mode ran");
     }
     let root = BitMapBackend::new(path, (1400, 520)).into_drawing_area();
     root.fill(&WHITE)?;
-    let root = root.titled(
-        "tether-loadtest: p50 / p99 per mode (ms)",
-        (FONT_FAMILY, 22),
-    )?;
+    let root = root.titled("tether-loadtest: p50 / p99 per mode (ms)", (FONT_FAMILY, 22))?;
     let panels = root.split_evenly((1, 3));
     let metrics: [(&str, MetricOf); 3] = [
         ("time to first token", |m| m.ttft_ms),
@@ -63,13 +56,7 @@ fn panel_chart(
     values: &[Option<Percentiles>],
 ) -> anyhow::Result<()> {
     let n = modes.len() as f64;
-    let top = values
-        .iter()
-        .flatten()
-        .map(|p| p.p99)
-        .fold(0.0_f64, f64::max)
-        .max(0.001)
-        * 1.35;
+    let top = values.iter().flatten().map(|p| p.p99).fold(0.0_f64, f64::max).max(0.001) * 1.35;
     let mut chart = ChartBuilder::on(area)
         .caption(title, (FONT_FAMILY, 18))
         .margin(12)
@@ -94,18 +81,13 @@ fn panel_chart(
         .label_style((FONT_FAMILY, 13))
         .draw()?;
     if values.iter().all(Option::is_none) {
-        chart.draw_series(std::iter::once(Text::new(
-            "n/a",
-            (n / 2.0 - 0.5, top / 2.0),
-            (FONT_FAMILY, 20),
-        )))?;
+        chart.draw_series(std::iter::once(Text::new("n/a", (n / 2.0 - 0.5, top / 2.0), (FONT_FAMILY, 20))))?;
         return Ok(());
     }
     let bars = |offset: f64, color: RGBColor, pick: fn(&Percentiles) -> f64| {
         values.iter().enumerate().filter_map(move |(i, p)| {
             let x = i as f64 + offset;
-            p.as_ref()
-                .map(|p| Rectangle::new([(x, 0.0), (x + 0.33, pick(p))], color.filled()))
+            p.as_ref().map(|p| Rectangle::new([(x, 0.0), (x + 0.33, pick(p))], color.filled()))
         })
     };
     chart
@@ -117,9 +99,7 @@ fn panel_chart(
         .label("p99")
         .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], P99_COLOR.filled()));
     let missing = values.iter().enumerate().filter(|(_, p)| p.is_none());
-    chart.draw_series(
-        missing.map(|(i, _)| Text::new("n/a", (i as f64 - 0.12, top * 0.05), (FONT_FAMILY, 15))),
-    )?;
+    chart.draw_series(missing.map(|(i, _)| Text::new("n/a", (i as f64 - 0.12, top * 0.05), (FONT_FAMILY, 15))))?;
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
@@ -141,9 +121,7 @@ fn register_font(explicit: Option<&Path>) -> anyhow::Result<()> {
         let path = candidates
             .into_iter()
             .find(|p| p.is_file())
-            .ok_or_else(|| {
-                "no TTF font found (install fonts-dejavu-core or pass --font)".to_owned()
-            })?;
+            .ok_or_else(|| "no TTF font found (install fonts-dejavu-core or pass --font)".to_owned())?;
         let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         // plotters keeps fonts for the process lifetime; the one font is leaked on purpose.
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
@@ -169,42 +147,28 @@ mod tests {
 
     #[test]
     fn draws_a_png_when_a_font_is_installed() {
-        if !super::FONT_CANDIDATES
-            .iter()
-            .any(|p| std::path::Path::new(p).is_file())
-        {
+        if !super::FONT_CANDIDATES.iter().any(|p| std::path::Path::new(p).is_file()) {
             eprintln!("no font installed; chart test skipped");
             return;
         }
         let config = Config::try_from(Args::parse_from(["lt", "--seed", "1"])).unwrap();
-        let runs: Vec<ModeRun> = [
-            (Mode::Ws, 3),
-            (Mode::HttpChained, 6),
-            (Mode::HttpFull, 9),
-            (Mode::Direct, 2),
-        ]
-        .into_iter()
-        .map(|(mode, ms)| {
-            let mut stats = Stats::default();
-            for i in 0..100u64 {
-                stats.record_turn(&TurnSample {
-                    total: Duration::from_micros(ms * 1000 + i * 50),
-                    ttft: Some(Duration::from_micros(ms * 500 + i * 20)),
-                    engine: (mode != Mode::HttpFull).then(|| Duration::from_millis(1)),
-                    ..TurnSample::default()
-                });
-            }
-            ModeRun {
-                mode,
-                elapsed: Duration::from_secs(1),
-                stats,
-                skipped: None,
-            }
-        })
-        .collect();
+        let runs: Vec<ModeRun> = [(Mode::Ws, 3), (Mode::HttpChained, 6), (Mode::HttpFull, 9), (Mode::Direct, 2)]
+            .into_iter()
+            .map(|(mode, ms)| {
+                let mut stats = Stats::default();
+                for i in 0..100u64 {
+                    stats.record_turn(&TurnSample {
+                        total: Duration::from_micros(ms * 1000 + i * 50),
+                        ttft: Some(Duration::from_micros(ms * 500 + i * 20)),
+                        engine: (mode != Mode::HttpFull).then(|| Duration::from_millis(1)),
+                        ..TurnSample::default()
+                    });
+                }
+                ModeRun { mode, elapsed: Duration::from_secs(1), stats, skipped: None }
+            })
+            .collect();
         let report = crate::report::build(&config, &runs);
-        let path =
-            std::env::temp_dir().join(format!("tether-loadtest-chart-{}.png", std::process::id()));
+        let path = std::env::temp_dir().join(format!("tether-loadtest-chart-{}.png", std::process::id()));
         super::draw(&report, &path, None).unwrap();
         let png = std::fs::read(&path).unwrap();
         assert!(png.starts_with(b"\x89PNG"), "not a PNG");

@@ -42,34 +42,15 @@ impl Mode {
 }
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "tether-loadtest",
-    version,
-    about = "Agent-loop load generator for tether"
-)]
+#[command(name = "tether-loadtest", version, about = "Agent-loop load generator for tether")]
 pub struct Args {
     /// Base URL of a tether edge (HTTP; the WebSocket URL is derived from it).
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_URL",
-        default_value = "http://127.0.0.1:8080",
-        help_heading = "Target"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_URL", default_value = "http://127.0.0.1:8080", help_heading = "Target")]
     pub url: String,
     /// Bearer key sent on every request and WebSocket handshake.
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_API_KEY",
-        default_value = "sk-local",
-        help_heading = "Target"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_API_KEY", default_value = "sk-local", help_heading = "Target")]
     pub api_key: String,
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_MODEL",
-        default_value = "tether-sim",
-        help_heading = "Target"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_MODEL", default_value = "tether-sim", help_heading = "Target")]
     pub model: String,
     /// Shard address for `direct` (default: discovered from `GET {url}/v1/cluster`).
     #[arg(long, env = "TETHER_LOADTEST_SHARD", help_heading = "Target")]
@@ -86,96 +67,41 @@ pub struct Args {
     )]
     pub mode: Vec<Mode>,
     /// Closed loop: this many agents, each running workflows back to back.
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_AGENTS",
-        conflicts_with = "rate",
-        help_heading = "Load"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_AGENTS", conflicts_with = "rate", help_heading = "Load")]
     pub agents: Option<usize>,
     /// Open loop: start this many workflows per second (each its own agent).
     #[arg(long, env = "TETHER_LOADTEST_RATE", help_heading = "Load")]
     pub rate: Option<f64>,
     /// Open loop: arrivals beyond this many workflows in flight are dropped and counted.
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_MAX_IN_FLIGHT",
-        default_value_t = 512,
-        help_heading = "Load"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_MAX_IN_FLIGHT", default_value_t = 512, help_heading = "Load")]
     pub max_in_flight: usize,
     /// Workflows per mode (upper bound).
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_WORKFLOWS",
-        default_value_t = 100,
-        help_heading = "Load"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_WORKFLOWS", default_value_t = 100, help_heading = "Load")]
     pub workflows: u64,
     /// Unrecorded workflows run before each mode's measurement (cold server paths).
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_WARMUP",
-        default_value_t = 8,
-        help_heading = "Load"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_WARMUP", default_value_t = 8, help_heading = "Load")]
     pub warmup: u64,
     /// Time per mode (upper bound); in-flight workflows then get `--request-timeout` to finish.
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_DURATION",
-        default_value = "60s",
-        help_heading = "Load"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_DURATION", default_value = "60s", help_heading = "Load")]
     pub duration: humantime::Duration,
     /// Timeout of one model call (one turn).
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_REQUEST_TIMEOUT",
-        default_value = "30s",
-        help_heading = "Load"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_REQUEST_TIMEOUT", default_value = "30s", help_heading = "Load")]
     pub request_timeout: humantime::Duration,
 
     /// Tool turns per workflow (model call → tool → output → …), then a final answer.
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_TURNS",
-        default_value_t = 5,
-        help_heading = "Workflow"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_TURNS", default_value_t = 5, help_heading = "Workflow")]
     pub turns: u32,
     /// Simulated tool run time: `fixed:50ms` or `uniform:20ms..80ms`.
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_TOOL_LATENCY",
-        default_value = "fixed:50ms",
-        help_heading = "Workflow"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_TOOL_LATENCY", default_value = "fixed:50ms", help_heading = "Workflow")]
     pub tool_latency: LatencyDist,
     /// Approximate size of the first user message, in tokens.
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_INPUT_TOKENS",
-        default_value_t = 1000,
-        help_heading = "Workflow"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_INPUT_TOKENS", default_value_t = 1000, help_heading = "Workflow")]
     pub input_tokens: usize,
     /// Size of each tool output in bytes (the conversation grows by this per turn).
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_TOOL_OUTPUT_BYTES",
-        default_value_t = 2000,
-        help_heading = "Workflow"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_TOOL_OUTPUT_BYTES", default_value_t = 2000, help_heading = "Workflow")]
     pub tool_output_bytes: usize,
     /// Length of the model's final answer, in tokens.
-    #[arg(
-        long,
-        env = "TETHER_LOADTEST_OUTPUT_TOKENS",
-        default_value_t = 100,
-        help_heading = "Workflow"
-    )]
+    #[arg(long, env = "TETHER_LOADTEST_OUTPUT_TOKENS", default_value_t = 100, help_heading = "Workflow")]
     pub output_tokens: u32,
     /// Seed of the filler text and tool latencies (random and logged when absent).
     #[arg(long, env = "TETHER_LOADTEST_SEED", help_heading = "Workflow")]
@@ -248,11 +174,8 @@ impl TryFrom<Args> for Config {
     fn try_from(args: Args) -> anyhow::Result<Self> {
         let http_url = args.url.trim_end_matches('/').to_owned();
         let ws_url = ws_url(&http_url)?;
-        let mut modes: Vec<Mode> = if args.mode.contains(&Mode::All) {
-            Mode::EVERY.to_vec()
-        } else {
-            args.mode.clone()
-        };
+        let mut modes: Vec<Mode> =
+            if args.mode.contains(&Mode::All) { Mode::EVERY.to_vec() } else { args.mode.clone() };
         let mut seen = Vec::new();
         modes.retain(|mode| {
             let first = !seen.contains(mode);
@@ -261,14 +184,9 @@ impl TryFrom<Args> for Config {
         });
         let load = match (args.agents, args.rate) {
             (_, Some(rate)) if !(rate > 0.0 && rate.is_finite()) => bail!("--rate must be > 0"),
-            (_, Some(rate)) => Load::Open {
-                rate,
-                max_in_flight: args.max_in_flight.max(1),
-            },
+            (_, Some(rate)) => Load::Open { rate, max_in_flight: args.max_in_flight.max(1) },
             (Some(0), None) => bail!("--agents must be > 0"),
-            (agents, None) => Load::Closed {
-                agents: agents.unwrap_or(8),
-            },
+            (agents, None) => Load::Closed { agents: agents.unwrap_or(8) },
         };
         if args.workflows == 0 {
             bail!("--workflows must be > 0");

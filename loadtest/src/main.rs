@@ -28,11 +28,7 @@ fn main() -> ExitCode {
         }
     };
     eprintln!("tether-loadtest {}", output::settings_line(&config));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("loadtest")
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("loadtest").build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: starting the runtime: {error}");

@@ -13,10 +13,7 @@ pub fn settings_line(config: &Config) -> String {
     let modes: Vec<&str> = config.modes.iter().map(|m| m.name()).collect();
     let load = match config.load {
         Load::Closed { agents } => format!("agents={agents}"),
-        Load::Open {
-            rate,
-            max_in_flight,
-        } => format!("rate={rate}/s max_in_flight={max_in_flight}"),
+        Load::Open { rate, max_in_flight } => format!("rate={rate}/s max_in_flight={max_in_flight}"),
     };
     let w = &config.workload;
     format!(
@@ -54,8 +51,5 @@ pub fn emit(config: &Config, runs: &[ModeRun]) -> anyhow::Result<bool> {
     {
         eprintln!("warning: chart skipped: {error:#}");
     }
-    Ok(report
-        .modes
-        .iter()
-        .all(|m| m.skipped.is_none() && m.workflows_ok > 0))
+    Ok(report.modes.iter().all(|m| m.skipped.is_none() && m.workflows_ok > 0))
 }

@@ -84,11 +84,7 @@ pub fn build(config: &Config, runs: &[ModeRun]) -> Report {
         arch: std::env::consts::ARCH,
         cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
     };
-    Report {
-        settings: config.clone(),
-        host,
-        modes,
-    }
+    Report { settings: config.clone(), host, modes }
 }
 
 pub fn summarize(run: &ModeRun) -> ModeReport {
@@ -126,10 +122,7 @@ pub fn markdown(report: &Report) -> String {
     let w = &s.workload;
     let load = match s.load {
         Load::Closed { agents } => format!("closed loop, {agents} agents"),
-        Load::Open {
-            rate,
-            max_in_flight,
-        } => format!("open loop, {rate}/s (≤{max_in_flight} in flight)"),
+        Load::Open { rate, max_in_flight } => format!("open loop, {rate}/s (≤{max_in_flight} in flight)"),
     };
     let mut out = String::new();
     let _ = writeln!(out, "## tether-loadtest\n");
@@ -158,19 +151,10 @@ pub fn markdown(report: &Report) -> String {
         "| mode | workflows/s | ok / failed | turn p50 ms (× first) | TTFT p50 / p99 ms | ITL p50 / p99 ms \
          | router overhead p50 / p99 ms | bytes sent / turn | output tok/s | cached | errors |"
     );
-    let _ = writeln!(
-        out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for m in &report.modes {
         if let Some(reason) = &m.skipped {
-            let _ = writeln!(
-                out,
-                "| {} | skipped |{}| {} |",
-                m.mode.name(),
-                " |".repeat(8),
-                reason.replace('|', "/")
-            );
+            let _ = writeln!(out, "| {} | skipped |{}| {} |", m.mode.name(), " |".repeat(8), reason.replace('|', "/"));
             continue;
         }
         let turn = match (m.turn_ms, baseline) {
@@ -186,27 +170,15 @@ pub fn markdown(report: &Report) -> String {
             m.workflows_failed,
             turn,
             opt(m.ttft_ms, |p| format!("{} / {}", ms(p.p50), ms(p.p99))),
-            opt(m.inter_token_ms, |p| format!(
-                "{} / {}",
-                ms(p.p50),
-                ms(p.p99)
-            )),
-            opt(m.router_overhead_ms, |p| format!(
-                "{} / {}",
-                ms(p.p50),
-                ms(p.p99)
-            )),
+            opt(m.inter_token_ms, |p| format!("{} / {}", ms(p.p50), ms(p.p99))),
+            opt(m.router_overhead_ms, |p| format!("{} / {}", ms(p.p50), ms(p.p99))),
             opt(m.bytes_sent_per_turn, |p| format!("{:.0}", p.mean)),
             m.output_tokens_per_s,
-            m.cached_token_ratio
-                .map_or("n/a".into(), |r| format!("{:.1}%", r * 100.0)),
+            m.cached_token_ratio.map_or("n/a".into(), |r| format!("{:.1}%", r * 100.0)),
             errors(&m.errors),
         );
     }
-    let _ = writeln!(
-        out,
-        "\n| mode | metric | p50 | p90 | p99 | max | mean | n |"
-    );
+    let _ = writeln!(out, "\n| mode | metric | p50 | p90 | p99 | max | mean | n |");
     let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|");
     for m in report.modes.iter().filter(|m| m.skipped.is_none()) {
         let metrics = [
@@ -232,11 +204,7 @@ pub fn markdown(report: &Report) -> String {
                     );
                 }
                 None => {
-                    let _ = writeln!(
-                        out,
-                        "| {} | {name} | n/a | n/a | n/a | n/a | n/a | 0 |",
-                        m.mode.name()
-                    );
+                    let _ = writeln!(out, "| {} | {name} | n/a | n/a | n/a | n/a | n/a | 0 |", m.mode.name());
                 }
             }
         }
@@ -263,11 +231,7 @@ fn errors(errors: &BTreeMap<String, u64>) -> String {
     if errors.is_empty() {
         return "0".into();
     }
-    errors
-        .iter()
-        .map(|(class, n)| format!("{class} ×{n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    errors.iter().map(|(class, n)| format!("{class} ×{n}")).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -287,10 +251,7 @@ mod tests {
         }
         let p = Percentiles::of(&h, 1e3).unwrap();
         assert_eq!(p.count, 100);
-        assert!(
-            (p.p50 - 50.0).abs() < 0.1 && (p.p99 - 99.0).abs() < 0.1,
-            "{p:?}"
-        );
+        assert!((p.p50 - 50.0).abs() < 0.1 && (p.p99 - 99.0).abs() < 0.1, "{p:?}");
         assert!((p.mean - 50.5).abs() < 0.1);
     }
 
@@ -310,20 +271,12 @@ mod tests {
         }
         stats.record_workflow(Duration::from_millis(100), true);
         stats.record_workflow(Duration::from_millis(100), true);
-        let run = ModeRun {
-            mode: Mode::Ws,
-            elapsed: Duration::from_secs(2),
-            stats,
-            skipped: None,
-        };
+        let run = ModeRun { mode: Mode::Ws, elapsed: Duration::from_secs(2), stats, skipped: None };
         let report = summarize(&run);
         assert_eq!(report.workflows_per_s, 1.0);
         assert_eq!(report.output_tokens_per_s, 100.0);
         assert_eq!(report.cached_token_ratio, Some(0.75));
         assert_eq!(report.input_tokens_per_turn, Some(1000.0));
-        assert!(
-            report.router_overhead_ms.is_none(),
-            "no engine time reported means n/a"
-        );
+        assert!(report.router_overhead_ms.is_none(), "no engine time reported means n/a");
     }
 }

@@ -34,12 +34,7 @@ pub async fn run(config: &Config) -> Vec<ModeRun> {
             Ok(ctx) => run_mode(ctx).await,
             Err(error) => {
                 eprintln!("warning: skipping mode {}: {error:#}", mode.name());
-                ModeRun {
-                    mode,
-                    elapsed: Duration::ZERO,
-                    stats: Stats::default(),
-                    skipped: Some(format!("{error:#}")),
-                }
+                ModeRun { mode, elapsed: Duration::ZERO, stats: Stats::default(), skipped: Some(format!("{error:#}")) }
             }
         };
         if run.skipped.is_none() {
@@ -61,20 +56,9 @@ async fn run_mode(ctx: Arc<ModeContext>) -> ModeRun {
     match config.load {
         Load::Closed { agents } => {
             let agents = (agents as u64).min(config.workflows);
-            spawn_closed_loop(
-                &mut tasks,
-                &ctx,
-                &recorder,
-                &progress,
-                agents,
-                0..config.workflows,
-                deadline,
-            );
+            spawn_closed_loop(&mut tasks, &ctx, &recorder, &progress, agents, 0..config.workflows, deadline);
         }
-        Load::Open {
-            rate,
-            max_in_flight,
-        } => {
+        Load::Open { rate, max_in_flight } => {
             let interval = Duration::from_secs_f64(1.0 / rate);
             for index in 0..config.workflows {
                 let due = started + interval.mul_f64(index as f64);
@@ -99,10 +83,7 @@ async fn run_mode(ctx: Arc<ModeContext>) -> ModeRun {
         }
     }
     let hard_stop = deadline.max(Instant::now()) + config.request_timeout;
-    let drained = tokio::time::timeout_at(hard_stop.into(), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout_at(hard_stop.into(), async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         let cancelled = tasks.len();
         tasks.abort_all();
@@ -115,18 +96,11 @@ async fn run_mode(ctx: Arc<ModeContext>) -> ModeRun {
     let elapsed = started.elapsed();
     progress.finish_and_clear();
     drop(tasks);
-    let stats = Arc::try_unwrap(recorder)
-        .map(|m| m.into_inner())
-        .unwrap_or_else(|shared| {
-            // An aborted task may still hold a clone until it is dropped; take the data instead.
-            std::mem::take(&mut *shared.lock())
-        });
-    ModeRun {
-        mode: ctx.mode,
-        elapsed,
-        stats,
-        skipped: None,
-    }
+    let stats = Arc::try_unwrap(recorder).map(|m| m.into_inner()).unwrap_or_else(|shared| {
+        // An aborted task may still hold a clone until it is dropped; take the data instead.
+        std::mem::take(&mut *shared.lock())
+    });
+    ModeRun { mode: ctx.mode, elapsed, stats, skipped: None }
 }
 
 /// Workflow indices of the warm-up, far from the measured ones (their conversations differ).
@@ -148,20 +122,9 @@ async fn warm_up(ctx: &Arc<ModeContext>) {
     let indices = WARMUP_FIRST_INDEX..WARMUP_FIRST_INDEX + config.warmup;
     let deadline = Instant::now() + config.duration;
     let agents = concurrency.min(config.warmup);
-    spawn_closed_loop(
-        &mut tasks,
-        ctx,
-        &recorder,
-        &ProgressBar::hidden(),
-        agents,
-        indices,
-        deadline,
-    );
+    spawn_closed_loop(&mut tasks, ctx, &recorder, &ProgressBar::hidden(), agents, indices, deadline);
     let hard_stop = deadline + config.request_timeout;
-    let drained = tokio::time::timeout_at(hard_stop.into(), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout_at(hard_stop.into(), async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tasks.abort_all();
     }
@@ -185,12 +148,7 @@ fn spawn_closed_loop(
 ) {
     let next = Arc::new(AtomicU64::new(indices.start));
     for _ in 0..agents {
-        let (ctx, recorder, next, progress) = (
-            ctx.clone(),
-            recorder.clone(),
-            next.clone(),
-            progress.clone(),
-        );
+        let (ctx, recorder, next, progress) = (ctx.clone(), recorder.clone(), next.clone(), progress.clone());
         let end = indices.end;
         tasks.spawn(async move {
             let mut agent = Agent::new(&ctx);
@@ -213,10 +171,8 @@ fn progress_bar(config: &Config, mode: Mode) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(config.workflows);
-    let style = ProgressStyle::with_template(
-        "{prefix:>12} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
-    )
-    .expect("valid progress template");
+    let style = ProgressStyle::with_template("{prefix:>12} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+        .expect("valid progress template");
     bar.set_style(style);
     bar.set_prefix(mode.name());
     bar.enable_steady_tick(Duration::from_millis(250));

@@ -29,9 +29,9 @@ impl LatencyDist {
         match *self {
             LatencyDist::Fixed(d) => d,
             LatencyDist::Uniform(lo, hi) if hi <= lo => lo,
-            LatencyDist::Uniform(lo, hi) => Duration::from_micros(
-                rng.random_range(lo.as_micros() as u64..=hi.as_micros() as u64),
-            ),
+            LatencyDist::Uniform(lo, hi) => {
+                Duration::from_micros(rng.random_range(lo.as_micros() as u64..=hi.as_micros() as u64))
+            }
         }
     }
 }
@@ -127,19 +127,9 @@ impl WorkloadConfig {
             filler_tokens(&mut rng, self.input_tokens)
         );
         let turns = self.turns as usize;
-        let tool_outputs = (0..turns)
-            .map(|i| tool_output(&mut rng, i, self.tool_output_bytes))
-            .collect();
-        let tool_latencies = (0..turns)
-            .map(|_| self.tool_latency.sample(&mut rng))
-            .collect();
-        WorkflowPlan {
-            index,
-            user_text,
-            tool_outputs,
-            tool_latencies,
-            output_tokens: self.output_tokens,
-        }
+        let tool_outputs = (0..turns).map(|i| tool_output(&mut rng, i, self.tool_output_bytes)).collect();
+        let tool_latencies = (0..turns).map(|_| self.tool_latency.sample(&mut rng)).collect();
+        WorkflowPlan { index, user_text, tool_outputs, tool_latencies, output_tokens: self.output_tokens }
     }
 }
 
@@ -164,13 +154,12 @@ pub fn tool_definition() -> Value {
 
 /// Common English words that o200k_base encodes as one token each (with the leading space).
 const WORDS: &[&str] = &[
-    "the", "test", "build", "error", "value", "return", "config", "server", "client", "request",
-    "response", "cache", "token", "session", "worker", "stream", "event", "agent", "tool",
-    "output", "input", "model", "state", "file", "line", "code", "check", "result", "data", "time",
-    "path", "name", "type", "list", "map", "key", "hash", "queue", "thread", "task", "run", "call",
-    "read", "write", "open", "close", "start", "stop", "fast", "slow", "new", "old", "first",
-    "last", "next", "each", "every", "some", "many", "small", "large", "module", "function",
-    "method", "field", "index", "number", "string", "table", "query", "update",
+    "the", "test", "build", "error", "value", "return", "config", "server", "client", "request", "response", "cache",
+    "token", "session", "worker", "stream", "event", "agent", "tool", "output", "input", "model", "state", "file",
+    "line", "code", "check", "result", "data", "time", "path", "name", "type", "list", "map", "key", "hash", "queue",
+    "thread", "task", "run", "call", "read", "write", "open", "close", "start", "stop", "fast", "slow", "new", "old",
+    "first", "last", "next", "each", "every", "some", "many", "small", "large", "module", "function", "method",
+    "field", "index", "number", "string", "table", "query", "update",
 ];
 
 /// Returns roughly `tokens` tokens of deterministic English-like filler.
@@ -194,10 +183,7 @@ pub fn filler_tokens(rng: &mut impl Rng, tokens: usize) -> String {
 /// Returns a tool output of exactly `bytes` ASCII bytes.
 fn tool_output(rng: &mut impl Rng, turn: usize, bytes: usize) -> String {
     let failed = rng.random_range(0..5);
-    let mut out = format!(
-        "run {turn}: {} passed, {failed} failed\n",
-        rng.random_range(50..500)
-    );
+    let mut out = format!("run {turn}: {} passed, {failed} failed\n", rng.random_range(50..500));
     while out.len() < bytes {
         out.push_str(&filler_tokens(rng, 32));
     }
@@ -240,30 +226,15 @@ mod tests {
         }
         let bpe = tiktoken_rs::o200k_base().unwrap();
         let tokens = bpe.encode_ordinary(&plan.user_text).len();
-        assert!(
-            (180..=260).contains(&tokens),
-            "{tokens} tokens for ~200 asked"
-        );
+        assert!((180..=260).contains(&tokens), "{tokens} tokens for ~200 asked");
     }
 
     #[test]
     fn latency_distributions_parse() {
-        assert_eq!(
-            "fixed:50ms".parse::<LatencyDist>().unwrap(),
-            LatencyDist::Fixed(Duration::from_millis(50))
-        );
-        assert_eq!(
-            "25ms".parse::<LatencyDist>().unwrap(),
-            LatencyDist::Fixed(Duration::from_millis(25))
-        );
+        assert_eq!("fixed:50ms".parse::<LatencyDist>().unwrap(), LatencyDist::Fixed(Duration::from_millis(50)));
+        assert_eq!("25ms".parse::<LatencyDist>().unwrap(), LatencyDist::Fixed(Duration::from_millis(25)));
         assert!("uniform:80ms..20ms".parse::<LatencyDist>().is_err());
         assert!("normal:1ms".parse::<LatencyDist>().is_err());
-        assert_eq!(
-            "uniform:20ms..80ms"
-                .parse::<LatencyDist>()
-                .unwrap()
-                .to_string(),
-            "uniform:20ms..80ms"
-        );
+        assert_eq!("uniform:20ms..80ms".parse::<LatencyDist>().unwrap().to_string(), "uniform:20ms..80ms");
     }
 }

@@ -54,10 +54,7 @@ pub struct TurnError {
 
 impl TurnError {
     pub fn new(class: ErrorClass, detail: impl Into<String>) -> Self {
-        TurnError {
-            class,
-            detail: detail.into(),
-        }
+        TurnError { class, detail: detail.into() }
     }
 
     pub fn protocol(what: &'static str, detail: impl Into<String>) -> Self {
@@ -143,8 +140,7 @@ impl Stats {
             self.inter_token.saturating_record(micros(*gap));
         }
         if let Some(engine) = sample.engine {
-            self.overhead
-                .saturating_record(micros(sample.total.saturating_sub(engine)));
+            self.overhead.saturating_record(micros(sample.total.saturating_sub(engine)));
         }
         self.bytes_sent.saturating_record(sample.bytes_sent.max(1));
         self.bytes_sent_total += sample.bytes_sent;
@@ -204,35 +200,19 @@ mod tests {
             ..TurnSample::default()
         };
         stats.record_turn(&sample);
-        stats.record_turn(&TurnSample {
-            engine: None,
-            ..sample
-        });
+        stats.record_turn(&TurnSample { engine: None, ..sample });
         assert_eq!(stats.overhead.len(), 1);
         let overhead = stats.overhead.value_at_quantile(0.5);
         assert!((2_990..=3_010).contains(&overhead), "{overhead}");
         assert_eq!(stats.turns_ok, 2);
-        assert_eq!(
-            (
-                stats.input_tokens,
-                stats.cached_tokens,
-                stats.bytes_sent_total
-            ),
-            (200, 160, 1000)
-        );
+        assert_eq!((stats.input_tokens, stats.cached_tokens, stats.bytes_sent_total), (200, 160, 1000));
     }
 
     #[test]
     fn errors_count_by_class() {
         let mut stats = Stats::default();
-        stats.record_error(&TurnError::new(
-            ErrorClass::HttpStatus(400, Some("x".into())),
-            "a",
-        ));
-        stats.record_error(&TurnError::new(
-            ErrorClass::HttpStatus(400, Some("x".into())),
-            "b",
-        ));
+        stats.record_error(&TurnError::new(ErrorClass::HttpStatus(400, Some("x".into())), "a"));
+        stats.record_error(&TurnError::new(ErrorClass::HttpStatus(400, Some("x".into())), "b"));
         stats.record_error(&TurnError::new(ErrorClass::Timeout, "c"));
         assert_eq!(stats.errors["http_400:x"], 2);
         assert_eq!(stats.error_count(), 3);

@@ -23,10 +23,7 @@ fn generated_code_is_fresh() {
         )
         .expect("protoc compiles the contracts");
     let after = snapshot(&out);
-    assert!(
-        before == after,
-        "proto/src/gen was stale and has been regenerated; commit the new files"
-    );
+    assert!(before == after, "proto/src/gen was stale and has been regenerated; commit the new files");
 }
 
 fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {

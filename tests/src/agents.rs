@@ -88,7 +88,8 @@ async fn run_one(agent: usize, url: &str, max_turns: usize, stop: CancellationTo
                 head = None;
             }
             Some(kind) => {
-                let code = event["response"]["error"]["code"].as_str().or(event["error"]["code"].as_str()).unwrap_or("");
+                let code =
+                    event["response"]["error"]["code"].as_str().or(event["error"]["code"].as_str()).unwrap_or("");
                 log.failures.push(Failure { agent, at: Instant::now(), kind: format!("{kind}:{code}") });
             }
             None => unreachable!("terminal events have a type"),
@@ -119,7 +120,11 @@ pub async fn assert_stored(base: &str, logs: &[AgentLog]) {
             let reply = http.get(format!("{base}/v1/responses/{id}")).send().await.expect("retrieve");
             assert_eq!(reply.status(), 200, "agent {agent}: {id} was lost");
             let body: Value = reply.json().await.expect("json");
-            assert_eq!(body["previous_response_id"].as_str(), previous.as_deref(), "agent {agent}: {id} has another parent");
+            assert_eq!(
+                body["previous_response_id"].as_str(),
+                previous.as_deref(),
+                "agent {agent}: {id} has another parent"
+            );
         }
     }
 }

@@ -50,10 +50,15 @@ impl WsClient {
     /// Receives the next event or the close, within [`RECV_LIMIT`].
     pub async fn receive(&mut self) -> Received {
         loop {
-            let message = tokio::time::timeout(RECV_LIMIT, self.stream.next()).await.expect("a server message within the limit");
+            let message =
+                tokio::time::timeout(RECV_LIMIT, self.stream.next()).await.expect("a server message within the limit");
             match message {
-                Some(Ok(Message::Text(text))) => return Received::Event(serde_json::from_str(&text).expect("events are JSON")),
-                Some(Ok(Message::Binary(bytes))) => return Received::Event(serde_json::from_slice(&bytes).expect("events are JSON")),
+                Some(Ok(Message::Text(text))) => {
+                    return Received::Event(serde_json::from_str(&text).expect("events are JSON"));
+                }
+                Some(Ok(Message::Binary(bytes))) => {
+                    return Received::Event(serde_json::from_slice(&bytes).expect("events are JSON"));
+                }
                 Some(Ok(Message::Close(frame))) => return Received::Closed(frame),
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return Received::Closed(None),
@@ -120,7 +125,10 @@ pub fn run_tests_tool() -> Value {
 
 /// The function calls in a response's output.
 pub fn function_calls(response: &Value) -> Vec<&Value> {
-    response["output"].as_array().map(|o| o.iter().filter(|i| i["type"] == "function_call").collect()).unwrap_or_default()
+    response["output"]
+        .as_array()
+        .map(|o| o.iter().filter(|i| i["type"] == "function_call").collect())
+        .unwrap_or_default()
 }
 
 pub fn cached_tokens(response: &Value) -> u64 {

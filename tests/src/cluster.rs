@@ -219,7 +219,8 @@ impl ClusterBuilder {
                 })
             })
             .collect();
-        let workers = (0..self.workers).map(|i| spawn_worker(&self.worker_config, &shared, &format!("worker-{i}"))).collect();
+        let workers =
+            (0..self.workers).map(|i| spawn_worker(&self.worker_config, &shared, &format!("worker-{i}"))).collect();
         let edges: Vec<Node> = (0..self.edges)
             .map(|i| {
                 let config = self.edge_config.clone();
@@ -241,7 +242,8 @@ impl ClusterBuilder {
         }
         let expected = (self.workers, self.shards);
         wait::until(Duration::from_secs(10), "all nodes registered", || {
-            let counts = (cluster.discovery.members(NodeKind::Worker).len(), cluster.discovery.members(NodeKind::Shard).len());
+            let counts =
+                (cluster.discovery.members(NodeKind::Worker).len(), cluster.discovery.members(NodeKind::Shard).len());
             async move { (counts == expected).then_some(()) }
         })
         .await;

@@ -5,8 +5,8 @@
 pub mod agents;
 pub mod client;
 pub mod cluster;
-pub mod process;
 pub mod etcd;
+pub mod process;
 pub mod wait;
 
 pub use cluster::{Cluster, ClusterBuilder, Node};

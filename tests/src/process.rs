@@ -68,9 +68,10 @@ impl Process {
                 let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else { continue };
                 let fields = &entry["fields"];
                 if fields["message"].as_str().is_some_and(|m| m.ends_with("listening"))
-                    && let Some(addr) = fields["addr"].as_str().and_then(|a| a.parse().ok()) {
-                        return addr;
-                    }
+                    && let Some(addr) = fields["addr"].as_str().and_then(|a| a.parse().ok())
+                {
+                    return addr;
+                }
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("{} exited with {status} before listening:\n{text}", self.name);

@@ -16,27 +16,41 @@ async fn post(client: &reqwest::Client, base: &str, body: Value) -> (u16, Value)
 async fn json_create_retrieve_delete() {
     let cluster = Cluster::builder().start().await;
     let http = reqwest::Client::new();
-    let reply = http.post(format!("{}/v1/responses", cluster.url())).json(&json!({"model": "tether-sim", "input": "hi"})).send().await.unwrap();
+    let reply = http
+        .post(format!("{}/v1/responses", cluster.url()))
+        .json(&json!({"model": "tether-sim", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(reply.status(), 200);
     assert!(reply.headers().get("x-request-id").is_some());
     let response: Value = reply.json().await.unwrap();
     assert_eq!(response["object"], "response");
     assert_eq!(response["status"], "completed");
     assert!(!output_text(&response).is_empty());
-    assert_eq!(response["usage"]["total_tokens"], response["usage"]["input_tokens"].as_u64().unwrap() + response["usage"]["output_tokens"].as_u64().unwrap());
+    assert_eq!(
+        response["usage"]["total_tokens"],
+        response["usage"]["input_tokens"].as_u64().unwrap() + response["usage"]["output_tokens"].as_u64().unwrap()
+    );
     let id = response["id"].as_str().unwrap();
 
-    let fetched: Value = http.get(format!("{}/v1/responses/{id}", cluster.url())).send().await.unwrap().json().await.unwrap();
+    let fetched: Value =
+        http.get(format!("{}/v1/responses/{id}", cluster.url())).send().await.unwrap().json().await.unwrap();
     assert_eq!(fetched["id"], id);
     assert_eq!(fetched["output"], response["output"]);
-    let deleted: Value = http.delete(format!("{}/v1/responses/{id}", cluster.url())).send().await.unwrap().json().await.unwrap();
+    let deleted: Value =
+        http.delete(format!("{}/v1/responses/{id}", cluster.url())).send().await.unwrap().json().await.unwrap();
     assert_eq!(deleted, json!({"id": id, "object": "response.deleted", "deleted": true}));
     let gone = http.get(format!("{}/v1/responses/{id}", cluster.url())).send().await.unwrap();
     assert_eq!(gone.status(), 404);
     let body: Value = gone.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
     let (status, body) = post(&http, &cluster.url(), json!({"input": "more", "previous_response_id": id})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("previous_response_not_found")), "deleted state is gone");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("previous_response_not_found")),
+        "deleted state is gone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +100,11 @@ async fn bad_requests_get_protocol_errors() {
         (http.post(&url).bearer_auth("sk-local").body("{not json"), 400, "invalid_json"),
         (http.post(&url).bearer_auth("sk-local").json(&json!({"input": "x".repeat(5000)})), 413, "request_too_large"),
         (http.post(&url).bearer_auth("sk-local").json(&json!({"input": 5})), 400, "invalid_request"),
-        (http.post(&url).bearer_auth("sk-local").json(&json!({"input": "x", "model": "gpt-nope"})), 400, "model_not_found"),
+        (
+            http.post(&url).bearer_auth("sk-local").json(&json!({"input": "x", "model": "gpt-nope"})),
+            400,
+            "model_not_found",
+        ),
         (http.get(&url).bearer_auth("sk-local"), 400, "invalid_request"),
         (http.get(format!("{url}/resp_123")).bearer_auth("sk-local"), 404, "not_found"),
     ];
@@ -106,7 +124,12 @@ async fn any_edge_routes_any_response_id() {
     let cluster = Cluster::builder().edges(2).start().await;
     let http = reqwest::Client::new();
     let (first, second) = (cluster.edges[0].url(), cluster.edges[1].url());
-    let (status, response) = post(&http, &first, json!({"input": "start on edge 0", "tools": [run_tests_tool()], "tool_choice": "required"})).await;
+    let (status, response) = post(
+        &http,
+        &first,
+        json!({"input": "start on edge 0", "tools": [run_tests_tool()], "tool_choice": "required"}),
+    )
+    .await;
     assert_eq!(status, 200);
     let call = function_calls(&response)[0].clone();
     let (status, next) = post(
@@ -143,7 +166,11 @@ async fn stateless_full_history_still_hits_the_shard_prefix_cache() {
     assert!(cached_tokens(&second) > 0, "the re-rendered history matches the shard's cached prefix");
     assert!(cached_tokens(&second) >= first["usage"]["input_tokens"].as_u64().unwrap());
     let (status, body) = post(&http, &cluster.url(), json!({"previous_response_id": second["id"], "input": "x"})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("previous_response_not_found")), "store=false over HTTP keeps nothing");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("previous_response_not_found")),
+        "store=false over HTTP keeps nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,7 +190,8 @@ async fn a_shard_that_lost_the_session_gets_the_full_prompt_once() {
         dropped |= client.drop_session(DropSessionRequest { session: key }).await.unwrap().into_inner().dropped;
     }
     assert!(dropped, "some shard held the session");
-    let (status, next) = post(&http, &cluster.url(), json!({"previous_response_id": first["id"], "input": "and now?"})).await;
+    let (status, next) =
+        post(&http, &cluster.url(), json!({"previous_response_id": first["id"], "input": "and now?"})).await;
     assert_eq!(status, 200, "{next}");
     assert_eq!(cached_tokens(&next), 0, "nothing was cached after the drop");
     assert!(next["usage"]["input_tokens"].as_u64().unwrap() > first["usage"]["input_tokens"].as_u64().unwrap());

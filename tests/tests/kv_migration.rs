@@ -10,13 +10,10 @@ use tether_tests::client::cached_tokens;
 use tether_tests::wait::within;
 
 async fn post(http: &reqwest::Client, base: &str, body: Value) -> Value {
-    let reply = within(
-        Duration::from_secs(20),
-        "a response",
-        http.post(format!("{base}/v1/responses")).json(&body).send(),
-    )
-    .await
-    .expect("post");
+    let reply =
+        within(Duration::from_secs(20), "a response", http.post(format!("{base}/v1/responses")).json(&body).send())
+            .await
+            .expect("post");
     assert_eq!(reply.status(), 200);
     let response: Value = reply.json().await.expect("json");
     assert_eq!(response["status"], "completed", "{response}");
@@ -24,37 +21,19 @@ async fn post(http: &reqwest::Client, base: &str, body: Value) -> Value {
 }
 
 fn shard_of(response: &Value) -> String {
-    response["x_tether"]["shard"]
-        .as_str()
-        .expect("x_tether.shard")
-        .to_owned()
+    response["x_tether"]["shard"].as_str().expect("x_tether.shard").to_owned()
 }
 
 fn usage(response: &Value, field: &str) -> u64 {
-    response["usage"][field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("usage.{field} in {response}"))
+    response["usage"][field].as_u64().unwrap_or_else(|| panic!("usage.{field} in {response}"))
 }
 
 /// Starts a chain of two turns; returns its head (the second turn).
 async fn two_turns(http: &reqwest::Client, base: &str, name: &str) -> Value {
-    let first = post(
-        http,
-        base,
-        json!({"input": format!("session {name}: the first question")}),
-    )
-    .await;
-    let second = post(
-        http,
-        base,
-        json!({"previous_response_id": first["id"], "input": "a follow-up"}),
-    )
-    .await;
+    let first = post(http, base, json!({"input": format!("session {name}: the first question")})).await;
+    let second = post(http, base, json!({"previous_response_id": first["id"], "input": "a follow-up"})).await;
     assert_eq!(shard_of(&second), shard_of(&first), "a session stays on its shard");
-    assert!(
-        cached_tokens(&second) > 0,
-        "the follow-up reuses the shard's KV cache: {second}"
-    );
+    assert!(cached_tokens(&second) > 0, "the follow-up reuses the shard's KV cache: {second}");
     second
 }
 
@@ -80,12 +59,7 @@ async fn a_drained_shard_hands_its_sessions_over_and_a_killed_one_does_not() {
         .unwrap()
         .expect("the drain finishes within its deadline");
 
-    let next = post(
-        &http,
-        &base,
-        json!({"previous_response_id": head["id"], "input": "after the drain"}),
-    )
-    .await;
+    let next = post(&http, &base, json!({"previous_response_id": head["id"], "input": "after the drain"})).await;
     let new_owner = shard_of(&next);
     assert_ne!(new_owner, drained);
     assert_eq!(
@@ -104,12 +78,7 @@ async fn a_drained_shard_hands_its_sessions_over_and_a_killed_one_does_not() {
         head = two_turns(&http, &base, &format!("killed {i}")).await;
     }
     cluster.shard(&new_owner).kill();
-    let next = post(
-        &http,
-        &base,
-        json!({"previous_response_id": head["id"], "input": "after the crash"}),
-    )
-    .await;
+    let next = post(&http, &base, json!({"previous_response_id": head["id"], "input": "after the crash"})).await;
     assert_ne!(shard_of(&next), new_owner);
     assert_eq!(cached_tokens(&next), 0, "a crashed shard hands nothing over: {next}");
 }

@@ -17,17 +17,10 @@ use tether_tests::wait::within;
 use tracing::info;
 
 fn model_path() -> PathBuf {
-    let path = std::env::var_os("TETHER_LLAMA_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.is_file(),
-        "model file {} is missing: run scripts/fetch-model.sh",
-        path.display()
-    );
+    let path = std::env::var_os("TETHER_LLAMA_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.is_file(), "model file {} is missing: run scripts/fetch-model.sh", path.display());
     path
 }
 
@@ -54,47 +47,27 @@ async fn llama_cluster(change: impl FnOnce(&mut LlamaConfig)) -> (Cluster, Strin
 
 async fn create(http: &reqwest::Client, cluster: &Cluster, body: Value) -> Value {
     let reply = within(Duration::from_secs(120), "a llama response", async {
-        http.post(format!("{}/v1/responses", cluster.url()))
-            .json(&body)
-            .send()
-            .await
-            .expect("post")
+        http.post(format!("{}/v1/responses", cluster.url())).json(&body).send().await.expect("post")
     })
     .await;
     assert_eq!(reply.status(), 200);
     let response: Value = reply.json().await.expect("json");
-    assert!(
-        matches!(
-            response["status"].as_str(),
-            Some("completed" | "incomplete")
-        ),
-        "{response}"
-    );
+    assert!(matches!(response["status"].as_str(), Some("completed" | "incomplete")), "{response}");
     response
 }
 
 fn usage(response: &Value, field: &str) -> u64 {
-    response["usage"][field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("usage.{field} in {response}"))
+    response["usage"][field].as_u64().unwrap_or_else(|| panic!("usage.{field} in {response}"))
 }
 
 fn prefill_us(response: &Value) -> u64 {
-    response["x_tether"]["prefill_us"]
-        .as_u64()
-        .expect("x_tether.prefill_us")
+    response["x_tether"]["prefill_us"].as_u64().expect("x_tether.prefill_us")
 }
 
 /// Real text: some letters, not only whitespace or markup.
 fn assert_real_text(text: &str) {
-    assert!(
-        text.chars().filter(|c| c.is_alphabetic()).count() >= 3,
-        "expected real text, got {text:?}"
-    );
-    assert!(
-        !text.contains("<|im_"),
-        "chat markup leaked into the answer: {text:?}"
-    );
+    assert!(text.chars().filter(|c| c.is_alphabetic()).count() >= 3, "expected real text, got {text:?}");
+    assert!(!text.contains("<|im_"), "chat markup leaked into the answer: {text:?}");
 }
 
 /// About 600 tokens of history, so a full prefill clearly costs more than a follow-up.
@@ -132,10 +105,7 @@ async fn follow_up_turn_reuses_the_kv_cache_and_decodes_only_new_tokens() {
     assert_eq!(first["model"], model);
     assert_eq!(cached_tokens(&first), 0);
     let first_prompt = usage(&first, "input_tokens");
-    assert!(
-        first_prompt > 400,
-        "the long context renders to {first_prompt} tokens"
-    );
+    assert!(first_prompt > 400, "the long context renders to {first_prompt} tokens");
     assert_real_text(&output_text(&first));
     info!(text = %output_text(&first), prefill_us = prefill_us(&first), "turn 1");
 
@@ -147,16 +117,9 @@ async fn follow_up_turn_reuses_the_kv_cache_and_decodes_only_new_tokens() {
     )
     .await;
     let held = first_prompt + usage(&first, "output_tokens");
-    assert_eq!(
-        cached_tokens(&second),
-        held,
-        "the shard holds turn 1's prompt and answer"
-    );
+    assert_eq!(cached_tokens(&second), held, "the shard holds turn 1's prompt and answer");
     let new_tokens = usage(&second, "input_tokens") - cached_tokens(&second);
-    assert!(
-        new_tokens < 40,
-        "turn 2 decodes only its {new_tokens} new tokens"
-    );
+    assert!(new_tokens < 40, "turn 2 decodes only its {new_tokens} new tokens");
     assert_real_text(&output_text(&second));
     info!(text = %output_text(&second), prefill_us = prefill_us(&second), "turn 2");
     assert!(
@@ -168,10 +131,7 @@ async fn follow_up_turn_reuses_the_kv_cache_and_decodes_only_new_tokens() {
 
     info!("--- turn 3: the chain keeps growing on the same sequence");
     let third = create(&http, &cluster, json!({"model": model, "previous_response_id": second["id"], "input": "Thanks!", "temperature": 0, "max_output_tokens": 16})).await;
-    assert_eq!(
-        cached_tokens(&third),
-        usage(&second, "input_tokens") + usage(&second, "output_tokens")
-    );
+    assert_eq!(cached_tokens(&third), usage(&second, "input_tokens") + usage(&second, "output_tokens"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,8 +140,7 @@ async fn evicted_sessions_are_resent_in_full_and_sampling_limits_hold() {
     let (cluster, model) = llama_cluster(|c| c.sequences = 2).await;
     let http = reqwest::Client::new();
     let turn = |input: &str, previous: Option<&Value>| {
-        let mut body =
-            json!({"model": model, "input": input, "temperature": 0, "max_output_tokens": 8});
+        let mut body = json!({"model": model, "input": input, "temperature": 0, "max_output_tokens": 8});
         if let Some(previous) = previous {
             body["previous_response_id"] = previous["id"].clone();
         }
@@ -195,10 +154,7 @@ async fn evicted_sessions_are_resent_in_full_and_sampling_limits_hold() {
     assert_eq!(usage(&a, "output_tokens"), 8);
     let b = create(&http, &cluster, turn("Name a fruit.", None)).await;
     let _c = create(&http, &cluster, turn("Name an animal.", None)).await;
-    assert!(
-        cached_tokens(&create(&http, &cluster, turn("And another?", Some(&b))).await) > 0,
-        "b was used after a"
-    );
+    assert!(cached_tokens(&create(&http, &cluster, turn("And another?", Some(&b))).await) > 0, "b was used after a");
 
     info!("--- a was evicted: its follow-up is a cache miss, resent in full, and still answered");
     let a2 = create(&http, &cluster, turn("And another one?", Some(&a))).await;
@@ -207,10 +163,7 @@ async fn evicted_sessions_are_resent_in_full_and_sampling_limits_hold() {
 
     info!("--- and a is cached again afterwards");
     let a3 = create(&http, &cluster, turn("One more.", Some(&a2))).await;
-    assert_eq!(
-        cached_tokens(&a3),
-        usage(&a2, "input_tokens") + usage(&a2, "output_tokens")
-    );
+    assert_eq!(cached_tokens(&a3), usage(&a2, "input_tokens") + usage(&a2, "output_tokens"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,16 +176,13 @@ async fn tools_reach_the_prompt_and_calls_are_only_what_the_model_wrote() {
         json!({"model": model, "input": "Run the tests in src/ verbosely.", "tools": [run_tests_tool()], "temperature": 0, "max_output_tokens": 64}),
     )
     .await;
-    assert!(
-        usage(&response, "input_tokens") > 60,
-        "the tool definitions are in the prompt"
-    );
+    assert!(usage(&response, "input_tokens") > 60, "the tool definitions are in the prompt");
     // SmolLM2-135M rarely writes a `<tool_call>`: either outcome is fine, a made-up call is not.
     let calls = function_calls(&response);
     for call in &calls {
         assert_eq!(call["name"], "run_tests", "{call}");
-        let arguments: Value = serde_json::from_str(call["arguments"].as_str().expect("arguments"))
-            .expect("JSON arguments");
+        let arguments: Value =
+            serde_json::from_str(call["arguments"].as_str().expect("arguments")).expect("JSON arguments");
         assert!(arguments.is_object(), "{call}");
     }
     if calls.is_empty() {
@@ -296,13 +246,8 @@ async fn benchmark_kv_reuse() {
                     ttft = Some(started.elapsed().as_secs_f64() * 1e3);
                 }
             }
-            let last = text
-                .split("\n\n")
-                .filter(|f| !f.trim().is_empty())
-                .last()
-                .expect("events");
-            let data: Value =
-                serde_json::from_str(last.split_once("data: ").expect("data").1).expect("json");
+            let last = text.split("\n\n").filter(|f| !f.trim().is_empty()).last().expect("events");
+            let data: Value = serde_json::from_str(last.split_once("data: ").expect("data").1).expect("json");
             (ttft.unwrap_or(f64::NAN), data["response"].clone())
         }
     };
@@ -312,11 +257,7 @@ async fn benchmark_kv_reuse() {
         let story = create(&http, &cluster, json!({"model": model, "input": "Write a long story about a dragon and a knight.", "temperature": 0, "max_output_tokens": 128})).await;
         let decoded = usage(&story, "output_tokens").saturating_sub(1) as f64;
         let seconds = story["x_tether"]["decode_us"].as_u64().unwrap_or(1) as f64 / 1e6;
-        println!(
-            "decode, short context: {:.0} tok/s ({} tokens)",
-            decoded / seconds,
-            usage(&story, "output_tokens")
-        );
+        println!("decode, short context: {:.0} tok/s ({} tokens)", decoded / seconds, usage(&story, "output_tokens"));
     }
 
     println!(
@@ -341,11 +282,9 @@ async fn benchmark_kv_reuse() {
             ]);
             let (full_ttft, full) = stream(json!({"model": model, "input": history_items, "store": false, "temperature": 0, "max_output_tokens": 8})).await;
             assert!(cached_tokens(&reuse) > 0 && cached_tokens(&full) == 0);
-            let prefill_rate =
-                usage(&first, "input_tokens") as f64 / (prefill_us(&first) as f64 / 1e6);
+            let prefill_rate = usage(&first, "input_tokens") as f64 / (prefill_us(&first) as f64 / 1e6);
             let decoded = usage(&first, "output_tokens").saturating_sub(1) as f64;
-            let decode_rate =
-                decoded / (first["x_tether"]["decode_us"].as_u64().unwrap_or(1) as f64 / 1e6);
+            let decode_rate = decoded / (first["x_tether"]["decode_us"].as_u64().unwrap_or(1) as f64 / 1e6);
             println!(
                 "| {} tokens (run {}) | {:.0} ms | {:.0} ms | {:.1}x | {:.0} / {:.0} ms | {:.0} | {:.0} ({} tokens) |",
                 usage(&full, "input_tokens"),
@@ -365,12 +304,8 @@ async fn benchmark_kv_reuse() {
     // Sessions held: new sessions until the shard's count stops growing.
     use tether_proto::shard::v1::InfoRequest;
     use tether_proto::shard::v1::shard_client::ShardClient;
-    let mut shard = ShardClient::connect(cluster.shards[0].url())
-        .await
-        .expect("shard");
-    println!(
-        "\n| session size (prompt + answer) | sessions held before eviction | context / sequences |"
-    );
+    let mut shard = ShardClient::connect(cluster.shards[0].url()).await.expect("shard");
+    println!("\n| session size (prompt + answer) | sessions held before eviction | context / sequences |");
     println!("|---|---|---|");
     for (index, size) in [300usize, 1000, 2000].into_iter().enumerate() {
         let mut held = 0;
@@ -379,12 +314,7 @@ async fn benchmark_kv_reuse() {
             let response = create(&http, &cluster, json!({"model": model, "input": filler(size, 100 + index * 20 + n), "temperature": 0, "max_output_tokens": 16})).await;
             sizes.push(usage(&response, "input_tokens") + usage(&response, "output_tokens"));
             // After 20 sessions of one size, older (other-size) sessions are gone.
-            held = shard
-                .info(InfoRequest {})
-                .await
-                .expect("info")
-                .into_inner()
-                .cache_sessions;
+            held = shard.info(InfoRequest {}).await.expect("info").into_inner().cache_sessions;
         }
         let mean = sizes.iter().sum::<u64>() / sizes.len() as u64;
         println!("| ~{mean} tokens | {held} | 8192 / 16 |");
@@ -424,11 +354,7 @@ async fn generate_on(
     use tether_proto::shard::v1::generate_chunk::Kind;
     use tether_proto::shard::v1::shard_server::Shard;
 
-    let mut stream = service
-        .generate(tonic::Request::new(request))
-        .await
-        .expect("generate")
-        .into_inner();
+    let mut stream = service.generate(tonic::Request::new(request)).await.expect("generate").into_inner();
     let mut text = String::new();
     while let Some(chunk) = within(Duration::from_secs(120), "a chunk", stream.next()).await {
         match chunk.expect("chunk").kind {
@@ -449,9 +375,7 @@ async fn a_session_exported_from_one_llama_shard_continues_on_another_with_its_k
 
     use tether_common::tokens::PrefixHash;
     use tether_proto::shard::v1::shard_server::Shard;
-    use tether_proto::shard::v1::{
-        ExportSessionRequest, GenerateRequest, ImportSessionRequest, Sampling,
-    };
+    use tether_proto::shard::v1::{ExportSessionRequest, GenerateRequest, ImportSessionRequest, Sampling};
     use tether_shard::engine::llama::model::ChatVocabulary;
 
     tether_common::telemetry::init_for_test();
@@ -481,11 +405,7 @@ async fn a_session_exported_from_one_llama_shard_continues_on_another_with_its_k
         prefix_hash,
         tokens,
         full: false,
-        sampling: Some(Sampling {
-            temperature: Some(0.0),
-            top_p: None,
-            max_output_tokens: 12,
-        }),
+        sampling: Some(Sampling { temperature: Some(0.0), top_p: None, max_output_tokens: 12 }),
         tools: None,
         hints: Default::default(),
         prefill_only,

@@ -22,7 +22,8 @@ fn worker_of(response: &Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_stream_fails_the_turn_fast_and_the_chain_continues_elsewhere() {
-    let mut cluster = Cluster::builder().shard_config(|c| c.sim.decode_interval = Duration::from_millis(5)).start().await;
+    let mut cluster =
+        Cluster::builder().shard_config(|c| c.sim.decode_interval = Duration::from_millis(5)).start().await;
     let mut ws = WsClient::connect(&cluster.ws_url(), None).await.unwrap();
     let first = ws.create(json!({"input": "start", "metadata": {"tether_sim_output_tokens": "4"}})).await;
     let first = final_response(&first).clone();
@@ -78,7 +79,8 @@ async fn every_stored_chain_survives_a_crash_and_unstarted_turns_move_transparen
     cluster.worker(&victim).kill();
     let mut moved = 0;
     for head in &mut heads {
-        let (status, next) = post(&http, &cluster.url(), json!({"previous_response_id": head["id"], "input": "continue"})).await;
+        let (status, next) =
+            post(&http, &cluster.url(), json!({"previous_response_id": head["id"], "input": "continue"})).await;
         assert_eq!(status, 200, "no stored chain is lost: {next}");
         assert_eq!(next["previous_response_id"], head["id"]);
         if worker_of(head) == victim {
@@ -92,7 +94,8 @@ async fn every_stored_chain_survives_a_crash_and_unstarted_turns_move_transparen
     tracing::info!("--- the lease expires: membership agrees with the data plane");
     cluster.discovery.expire(NodeKind::Worker, &victim);
     for head in &heads {
-        let (status, _) = post(&http, &cluster.url(), json!({"previous_response_id": head["id"], "input": "more"})).await;
+        let (status, _) =
+            post(&http, &cluster.url(), json!({"previous_response_id": head["id"], "input": "more"})).await;
         assert_eq!(status, 200);
     }
 }
@@ -125,7 +128,8 @@ async fn a_new_worker_takes_keys_and_pulls_moved_chains() {
     let mut moved = 0;
     let deadline = Instant::now() + Duration::from_secs(10);
     for head in &heads {
-        let (status, next) = post(&http, &cluster.url(), json!({"previous_response_id": head["id"], "input": "continue"})).await;
+        let (status, next) =
+            post(&http, &cluster.url(), json!({"previous_response_id": head["id"], "input": "continue"})).await;
         assert_eq!(status, 200, "moved chains resolve by pull: {next}");
         assert!(!output_text(&next).is_empty());
         if worker_of(&next) == "worker-new" {
@@ -157,7 +161,8 @@ async fn draining_a_worker_under_load_fails_no_turn() {
             assert_eq!(status, 200);
             let mut turns = 1;
             while !stop.is_cancelled() && turns < 200 {
-                let (status, next) = post(&http, &url, json!({"previous_response_id": head["id"], "input": "go on"})).await;
+                let (status, next) =
+                    post(&http, &url, json!({"previous_response_id": head["id"], "input": "go on"})).await;
                 assert_eq!(status, 200, "agent {agent} turn {turns}: {next}");
                 head = next;
                 turns += 1;

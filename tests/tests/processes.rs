@@ -34,7 +34,14 @@ impl ProcessCluster {
         let dir = std::env::temp_dir().join(format!("tether-processes-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut cluster = ProcessCluster { etcd, dir, name: name.to_owned(), edge: placeholder(), workers: Vec::new(), _shards: Vec::new() };
+        let mut cluster = ProcessCluster {
+            etcd,
+            dir,
+            name: name.to_owned(),
+            edge: placeholder(),
+            workers: Vec::new(),
+            _shards: Vec::new(),
+        };
         for i in 0..2 {
             let shard = cluster.spawn(&format!("shard-{i}"), &["shard", "--id", &format!("shard-{i}")]);
             cluster._shards.push(shard);
@@ -56,7 +63,10 @@ impl ProcessCluster {
 
     fn spawn(&self, name: &str, args: &[&str]) -> Process {
         let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        all.extend(["--listen", "127.0.0.1:0", "--cluster", &self.name, "--lease-ttl", LEASE_TTL, "--shutdown-grace", "10s"].map(str::to_owned));
+        all.extend(
+            ["--listen", "127.0.0.1:0", "--cluster", &self.name, "--lease-ttl", LEASE_TTL, "--shutdown-grace", "10s"]
+                .map(str::to_owned),
+        );
         for endpoint in self.etcd.endpoints() {
             all.extend(["--etcd".to_owned(), endpoint]);
         }
@@ -111,16 +121,22 @@ async fn completed_turns(edge: &Process) -> u64 {
         Err(_) => return 0,
     };
     text.lines()
-        .filter(|l| l.starts_with("tether_edge_requests_total") && l.contains("transport=\"websocket\"") && l.contains("outcome=\"ok\""))
+        .filter(|l| {
+            l.starts_with("tether_edge_requests_total")
+                && l.contains("transport=\"websocket\"")
+                && l.contains("outcome=\"ok\"")
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
 
 async fn run_turns(edge: &Process, more: u64, what: &str) {
     let from = completed_turns(edge).await;
-    wait::until(Duration::from_secs(60), what, || async move {
-        (completed_turns(edge).await >= from + more).then_some(())
-    })
+    wait::until(
+        Duration::from_secs(60),
+        what,
+        || async move { (completed_turns(edge).await >= from + more).then_some(()) },
+    )
     .await;
 }
 
@@ -156,7 +172,9 @@ async fn sigkill_a_worker_mid_stream() {
     let logs = agents.await.unwrap();
     let (turns, failures, lost) = summary(&logs);
     let last_failure = logs.iter().flat_map(|l| &l.failures).map(|f| f.at.saturating_duration_since(killed_at)).max();
-    println!("kill: {turns} turns, {failures} failed (in flight at the kill), {lost} lost; last failure event {last_failure:?} after the kill; lease gone {lease_gone:?} after it");
+    println!(
+        "kill: {turns} turns, {failures} failed (in flight at the kill), {lost} lost; last failure event {last_failure:?} after the kill; lease gone {lease_gone:?} after it"
+    );
     assert_eq!(lost, 0, "no stored chain is lost");
     for failure in logs.iter().flat_map(|l| &l.failures) {
         assert!(failure.kind.starts_with("response.failed"), "a classified failure event: {failure:?}");

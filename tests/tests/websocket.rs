@@ -4,7 +4,9 @@ use std::collections::HashMap;
 
 use serde_json::{Value, json};
 use tether_tests::Cluster;
-use tether_tests::client::{Received, WsClient, cached_tokens, final_response, function_calls, output_text, run_tests_tool};
+use tether_tests::client::{
+    Received, WsClient, cached_tokens, final_response, function_calls, output_text, run_tests_tool,
+};
 
 fn call_outputs(response: &Value) -> Vec<Value> {
     function_calls(response)
@@ -27,14 +29,20 @@ async fn tool_loop_chains_only_new_items_and_reuses_the_cache() {
     let mut calls_seen = 0;
     while !function_calls(&response).is_empty() {
         for call in function_calls(&response) {
-            let arguments: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).expect("arguments are JSON");
-            assert!(arguments["path"].is_string() && arguments["verbose"].is_boolean(), "schema-valid arguments: {arguments}");
+            let arguments: Value =
+                serde_json::from_str(call["arguments"].as_str().unwrap()).expect("arguments are JSON");
+            assert!(
+                arguments["path"].is_string() && arguments["verbose"].is_boolean(),
+                "schema-valid arguments: {arguments}"
+            );
             assert_eq!(call["name"], "run_tests");
             calls_seen += 1;
         }
         let events = ws
-            .create(json!({"model": "tether-sim", "previous_response_id": response["id"], "input": call_outputs(&response),
-                           "tools": tools, "metadata": {"tether_sim_tool_calls": "3"}}))
+            .create(
+                json!({"model": "tether-sim", "previous_response_id": response["id"], "input": call_outputs(&response),
+                           "tools": tools, "metadata": {"tether_sim_tool_calls": "3"}}),
+            )
             .await;
         let next = final_response(&events).clone();
         assert_eq!(next["previous_response_id"], response["id"]);
@@ -56,15 +64,25 @@ async fn events_follow_the_protocol_sequence_on_a_named_lane() {
     let mut ws = WsClient::connect(&cluster.ws_url(), None).await.unwrap();
     let events = ws.create(json!({"model": "tether-sim", "input": "hello", "stream_id": "main"})).await;
     let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
-    assert_eq!(&types[..4], ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]);
-    assert_eq!(&types[types.len() - 4..], ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"]);
+    assert_eq!(
+        &types[..4],
+        ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
+    );
+    assert_eq!(
+        &types[types.len() - 4..],
+        ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"]
+    );
     for (index, event) in events.iter().enumerate() {
         assert_eq!(event["sequence_number"], index, "consecutive sequence numbers");
         assert_eq!(event["stream_id"], "main", "every event echoes the lane");
     }
     let ids: Vec<&Value> = events.iter().filter_map(|e| e.get("response")).map(|r| &r["id"]).collect();
     assert!(ids.windows(2).all(|w| w[0] == w[1]), "one response id through the lifecycle");
-    let deltas: String = events.iter().filter(|e| e["type"] == "response.output_text.delta").map(|e| e["delta"].as_str().unwrap()).collect();
+    let deltas: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
     assert_eq!(deltas, output_text(final_response(&events)));
 }
 
@@ -108,7 +126,11 @@ async fn bad_frames_get_error_events_and_the_connection_keeps_working() {
         (r#"{"model":"tether-sim"}"#, "invalid_event_type", None),
         (r#"{"type":"response.create","stream_id":""}"#, "invalid_stream_id", None),
         (r#"{"type":"response.create","stream_id":"bad lane!"}"#, "invalid_stream_id", None),
-        (r#"{"type":"response.create","stream_id":"x","previous_response_id":"resp_unknown","input":"hi"}"#, "previous_response_not_found", Some("x")),
+        (
+            r#"{"type":"response.create","stream_id":"x","previous_response_id":"resp_unknown","input":"hi"}"#,
+            "previous_response_not_found",
+            Some("x"),
+        ),
         (r#"{"type":"response.create","model":"no-such-model","input":"hi"}"#, "model_not_found", None),
         (r#"{"type":"response.create","input":"hi","temperature":"hot"}"#, "invalid_request", None),
         (r#"{"type":"response.create","input":"hi","background":true}"#, "invalid_request", None),
@@ -163,7 +185,10 @@ async fn warmup_prepares_state_that_the_next_turn_chains_from() {
         .await;
     let response = final_response(&events);
     assert_eq!(response["status"], "completed");
-    assert!(cached_tokens(response) >= warm["usage"]["input_tokens"].as_u64().unwrap(), "the warmup prefilled the shard");
+    assert!(
+        cached_tokens(response) >= warm["usage"]["input_tokens"].as_u64().unwrap(),
+        "the warmup prefilled the shard"
+    );
     assert!(function_calls(response).is_empty(), "tool_choice none gives text");
 }
 
@@ -189,7 +214,9 @@ async fn forced_function_and_none_tool_choices() {
     let cluster = Cluster::builder().start().await;
     let mut ws = WsClient::connect(&cluster.ws_url(), None).await.unwrap();
     let tools = json!([{"type": "function", "name": "noop", "parameters": {"type": "object", "properties": {}}}, run_tests_tool()]);
-    let forced = ws.create(json!({"input": "go", "tools": tools, "tool_choice": {"type": "function", "name": "run_tests"}})).await;
+    let forced = ws
+        .create(json!({"input": "go", "tools": tools, "tool_choice": {"type": "function", "name": "run_tests"}}))
+        .await;
     let calls = function_calls(final_response(&forced)).into_iter().cloned().collect::<Vec<_>>();
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0]["name"], "run_tests");
@@ -239,7 +266,8 @@ async fn another_tenants_response_id_is_unknown() {
     let cluster = Cluster::builder()
         .edge_config(|c| {
             c.auth = tether_edge::config::AuthMode::Keys;
-            c.api_keys = [("sk-alpha".to_owned(), "alpha".to_owned()), ("sk-beta".to_owned(), "beta".to_owned())].into();
+            c.api_keys =
+                [("sk-alpha".to_owned(), "alpha".to_owned()), ("sk-beta".to_owned(), "beta".to_owned())].into();
         })
         .start()
         .await;
@@ -258,7 +286,10 @@ async fn another_tenants_response_id_is_unknown() {
 async fn a_draining_edge_finishes_the_response_then_closes_with_1012() {
     let mut cluster = Cluster::builder().workers(1).shards(1).start().await;
     let mut ws = WsClient::connect(&cluster.ws_url(), None).await.unwrap();
-    ws.send(&json!({"type": "response.create", "input": "a long one", "metadata": {"tether_sim_output_tokens": "300"}})).await;
+    ws.send(
+        &json!({"type": "response.create", "input": "a long one", "metadata": {"tether_sim_output_tokens": "300"}}),
+    )
+    .await;
     let first = ws.recv().await;
     assert_eq!(first["type"], "response.created");
     let edge = std::mem::replace(&mut cluster.edges[0], tether_tests::Node::idle("drained-edge"));

@@ -24,10 +24,7 @@ use crate::scenario::{HINT_OUTPUT_TOKENS, HINT_TOOL_CALLS, WorkflowPlan, tool_de
 use crate::stats::{ErrorClass, TurnError, TurnSample};
 
 /// Returns the shard addresses: `--shard`, or the `shards` of `GET {url}/v1/cluster`.
-pub async fn discover_shards(
-    http: &reqwest::Client,
-    target: &Target,
-) -> anyhow::Result<Vec<String>> {
+pub async fn discover_shards(http: &reqwest::Client, target: &Target) -> anyhow::Result<Vec<String>> {
     if let Some(shard) = &target.shard {
         return Ok(vec![shard.clone()]);
     }
@@ -46,11 +43,7 @@ pub async fn discover_shards(
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|shard| {
-            shard["addr"]
-                .as_str()
-                .map(|a| a.trim_end_matches('/').to_owned())
-        })
+        .filter_map(|shard| shard["addr"].as_str().map(|a| a.trim_end_matches('/').to_owned()))
         .collect();
     if shards.is_empty() {
         bail!("GET {url} lists no shards");
@@ -96,11 +89,7 @@ pub struct DirectAgent {
 
 impl DirectAgent {
     pub fn new(ctx: Arc<ModeContext>) -> Self {
-        DirectAgent {
-            ctx,
-            clients: HashMap::new(),
-            session: None,
-        }
+        DirectAgent { ctx, clients: HashMap::new(), session: None }
     }
 
     /// Tokenizes the whole workflow up front and connects to its shard.
@@ -109,22 +98,12 @@ impl DirectAgent {
         key_hash.extend(&conv.key.bytes().map(u32::from).collect::<Vec<_>>());
         let session = key_hash.0;
         let shard = (session % self.ctx.shards.len() as u64) as usize;
-        let bpe = self
-            .ctx
-            .bpe
-            .clone()
-            .expect("direct mode loads the tokenizer");
+        let bpe = self.ctx.bpe.clone().expect("direct mode loads the tokenizer");
         let plan = conv.plan.clone();
         let segments = tokio::task::spawn_blocking(move || render_segments(&bpe, &plan))
             .await
             .map_err(|e| TurnError::protocol("tokenize", e.to_string()))?;
-        self.session = Some(DirectSession {
-            session,
-            shard,
-            held: Vec::new(),
-            hash: PrefixHash::new(),
-            segments,
-        });
+        self.session = Some(DirectSession { session, shard, held: Vec::new(), hash: PrefixHash::new(), segments });
         if !self.clients.contains_key(&shard) {
             let client = connect(&self.ctx.shards[shard]).await?;
             self.clients.insert(shard, client);
@@ -134,21 +113,14 @@ impl DirectAgent {
 
     pub async fn turn(&mut self, conv: &Conversation<'_>) -> Result<TurnReply, TurnError> {
         let state = self.session.as_mut().expect("begin() ran");
-        let client = self
-            .clients
-            .get_mut(&state.shard)
-            .expect("begin() connected");
+        let client = self.clients.get_mut(&state.shard).expect("begin() connected");
         let turn = conv.tool_outputs_seen;
         let new_tokens = state.segments[turn as usize].clone();
         let mut request = generate_request(&self.ctx, conv, state, new_tokens.clone());
         let mut bytes_sent = request.encoded_len() as u64;
         let sent_at = Instant::now();
         let mut resent = false;
-        let mut stream = client
-            .generate(request.clone())
-            .await
-            .map_err(grpc_error)?
-            .into_inner();
+        let mut stream = client.generate(request.clone()).await.map_err(grpc_error)?.into_inner();
         let (mut first, mut last) = (None::<Instant>, None::<Instant>);
         let mut sample = TurnSample::default();
         let mut generated = Vec::new();
@@ -158,34 +130,19 @@ impl DirectAgent {
             let at = Instant::now();
             match chunk.and_then(|c| c.kind) {
                 None => {
-                    return Err(TurnError::protocol(
-                        "grpc_stream_ended",
-                        "no finished chunk",
-                    ));
+                    return Err(TurnError::protocol("grpc_stream_ended", "no finished chunk"));
                 }
                 Some(Kind::CacheMiss(_)) if resent => {
-                    return Err(TurnError::protocol(
-                        "cache_miss_twice",
-                        "miss on a full request",
-                    ));
+                    return Err(TurnError::protocol("cache_miss_twice", "miss on a full request"));
                 }
                 Some(Kind::CacheMiss(_)) => {
                     resent = true;
-                    request.tokens = state
-                        .held
-                        .iter()
-                        .copied()
-                        .chain(new_tokens.iter().copied())
-                        .collect();
+                    request.tokens = state.held.iter().copied().chain(new_tokens.iter().copied()).collect();
                     request.full = true;
                     request.prefix_len = 0;
                     request.prefix_hash = PrefixHash::new().0;
                     bytes_sent += request.encoded_len() as u64;
-                    stream = client
-                        .generate(request.clone())
-                        .await
-                        .map_err(grpc_error)?
-                        .into_inner();
+                    stream = client.generate(request.clone()).await.map_err(grpc_error)?.into_inner();
                 }
                 Some(Kind::Tokens(tokens)) => {
                     first.get_or_insert(at);
@@ -204,9 +161,8 @@ impl DirectAgent {
                         sample.cached_tokens = Some(usage.cached_tokens.into());
                         sample.output_tokens = Some(usage.completion_tokens.into());
                     }
-                    sample.engine = finished
-                        .timings
-                        .map(|t| Duration::from_micros(t.queue_us + t.prefill_us + t.decode_us));
+                    sample.engine =
+                        finished.timings.map(|t| Duration::from_micros(t.queue_us + t.prefill_us + t.decode_us));
                     break;
                 }
             }
@@ -217,18 +173,11 @@ impl DirectAgent {
         }
         // The engine writes calls in the chat format; a worker would parse them into items.
         let action = if text.contains(TOOL_CALL_OPEN) {
-            ModelAction::ToolCall {
-                call_id: format!("call_{turn}"),
-            }
+            ModelAction::ToolCall { call_id: format!("call_{turn}") }
         } else {
             ModelAction::Answer
         };
-        Ok(TurnReply {
-            sample,
-            response_id: None,
-            output: Vec::new(),
-            action,
-        })
+        Ok(TurnReply { sample, response_id: None, output: Vec::new(), action })
     }
 }
 
@@ -259,13 +208,8 @@ fn render_segments(bpe: &CoreBPE, plan: &WorkflowPlan) -> Vec<Vec<u32>> {
     ];
     let mut segments = vec![first.concat()];
     for output in &plan.tool_outputs {
-        let tool_turn = [
-            close.clone(),
-            piece("<|im_start|>tool\n"),
-            piece(output),
-            close.clone(),
-            open_assistant.clone(),
-        ];
+        let tool_turn =
+            [close.clone(), piece("<|im_start|>tool\n"), piece(output), close.clone(), open_assistant.clone()];
         segments.push(tool_turn.concat());
     }
     segments
@@ -279,10 +223,7 @@ fn generate_request(
 ) -> GenerateRequest {
     let hints = HashMap::from([
         (HINT_TOOL_CALLS.to_owned(), conv.plan.turns().to_string()),
-        (
-            HINT_OUTPUT_TOKENS.to_owned(),
-            conv.plan.output_tokens.to_string(),
-        ),
+        (HINT_OUTPUT_TOKENS.to_owned(), conv.plan.output_tokens.to_string()),
     ]);
     GenerateRequest {
         session: state.session,
@@ -291,11 +232,7 @@ fn generate_request(
         prefix_hash: state.hash.0,
         tokens,
         full: state.held.is_empty(),
-        sampling: Some(Sampling {
-            temperature: None,
-            top_p: None,
-            max_output_tokens: 0,
-        }),
+        sampling: Some(Sampling { temperature: None, top_p: None, max_output_tokens: 0 }),
         tools: Some(ToolSpec {
             tools_json: Value::Array(vec![tool_definition()]).to_string(),
             choice: ToolChoice::Auto as i32,
@@ -309,26 +246,16 @@ fn generate_request(
 
 async fn connect(addr: &str) -> Result<ShardClient<Channel>, TurnError> {
     let endpoint = Endpoint::from_shared(addr.to_owned())
-        .map_err(|e| {
-            TurnError::new(
-                ErrorClass::Connect,
-                format!("bad shard address {addr}: {e}"),
-            )
-        })?
+        .map_err(|e| TurnError::new(ErrorClass::Connect, format!("bad shard address {addr}: {e}")))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| TurnError::new(ErrorClass::Connect, format!("shard {addr}: {e}")))?;
+    let channel =
+        endpoint.connect().await.map_err(|e| TurnError::new(ErrorClass::Connect, format!("shard {addr}: {e}")))?;
     Ok(ShardClient::new(channel))
 }
 
 fn grpc_error(status: tonic::Status) -> TurnError {
-    TurnError::new(
-        ErrorClass::Grpc(format!("{:?}", status.code())),
-        status.message().to_owned(),
-    )
+    TurnError::new(ErrorClass::Grpc(format!("{:?}", status.code())), status.message().to_owned())
 }
 
 #[cfg(test)]

@@ -34,28 +34,17 @@ pub struct EventTracker {
     inter_token: Vec<Duration>,
 }
 
-const DELTA_EVENTS: [&str; 2] = [
-    "response.output_text.delta",
-    "response.function_call_arguments.delta",
-];
+const DELTA_EVENTS: [&str; 2] = ["response.output_text.delta", "response.function_call_arguments.delta"];
 
 impl EventTracker {
     pub fn new(sent_at: Instant) -> Self {
-        EventTracker {
-            sent_at,
-            first_output: None,
-            last_delta: None,
-            inter_token: Vec::new(),
-        }
+        EventTracker { sent_at, first_output: None, last_delta: None, inter_token: Vec::new() }
     }
 
     /// Feeds one event received at `at`; returns the terminal `response` object once it
     /// arrives, or the turn's error.
     pub fn on_event(&mut self, event: Value, at: Instant) -> Result<Option<Value>, TurnError> {
-        let kind = event
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let kind = event.get("type").and_then(Value::as_str).unwrap_or_default();
         let is_delta = DELTA_EVENTS.contains(&kind);
         if is_delta || kind == "response.output_item.added" {
             self.first_output.get_or_insert(at);
@@ -67,18 +56,11 @@ impl EventTracker {
             "response.completed" => Ok(Some(take_response(event)?)),
             "response.failed" => {
                 let code = str_at(&event, &["response", "error", "code"]).unwrap_or("unknown");
-                Err(TurnError::new(
-                    ErrorClass::ResponseFailed(code.into()),
-                    message(&event),
-                ))
+                Err(TurnError::new(ErrorClass::ResponseFailed(code.into()), message(&event)))
             }
             "response.incomplete" => {
-                let reason = str_at(&event, &["response", "incomplete_details", "reason"])
-                    .unwrap_or("unknown");
-                Err(TurnError::new(
-                    ErrorClass::ResponseIncomplete(reason.into()),
-                    reason.to_owned(),
-                ))
+                let reason = str_at(&event, &["response", "incomplete_details", "reason"]).unwrap_or("unknown");
+                Err(TurnError::new(ErrorClass::ResponseIncomplete(reason.into()), reason.to_owned()))
             }
             "error" => {
                 // WebSocket errors nest under `error`; SSE errors are flat.
@@ -86,10 +68,7 @@ impl EventTracker {
                     .or_else(|| str_at(&event, &["code"]))
                     .or_else(|| str_at(&event, &["error", "type"]))
                     .unwrap_or("unknown");
-                Err(TurnError::new(
-                    ErrorClass::ErrorEvent(code.into()),
-                    message(&event),
-                ))
+                Err(TurnError::new(ErrorClass::ErrorEvent(code.into()), message(&event)))
             }
             _ => Ok(None),
         }
@@ -124,19 +103,9 @@ impl EventTracker {
             .iter()
             .find(|item| item.get("type").and_then(Value::as_str) == Some("function_call"))
             .and_then(|item| item.get("call_id").and_then(Value::as_str))
-            .map_or(ModelAction::Answer, |call_id| ModelAction::ToolCall {
-                call_id: call_id.to_owned(),
-            });
-        let response_id = response
-            .get("id")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        TurnReply {
-            sample,
-            response_id,
-            output,
-            action,
-        }
+            .map_or(ModelAction::Answer, |call_id| ModelAction::ToolCall { call_id: call_id.to_owned() });
+        let response_id = response.get("id").and_then(Value::as_str).map(str::to_owned);
+        TurnReply { sample, response_id, output, action }
     }
 }
 
@@ -155,10 +124,7 @@ fn shard_time(x_tether: &Value) -> Option<Duration> {
 fn take_response(mut event: Value) -> Result<Value, TurnError> {
     match event.get_mut("response").map(Value::take) {
         Some(response @ Value::Object(_)) => Ok(response),
-        _ => Err(TurnError::protocol(
-            "terminal_without_response",
-            "response.completed has no response",
-        )),
+        _ => Err(TurnError::protocol("terminal_without_response", "response.completed has no response")),
     }
 }
 
@@ -192,27 +158,10 @@ mod tests {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
         let mut tracker = EventTracker::new(t0);
-        assert!(
-            tracker
-                .on_event(json!({"type":"response.created"}), ms(1))
-                .unwrap()
-                .is_none()
-        );
-        tracker
-            .on_event(json!({"type":"response.output_item.added"}), ms(4))
-            .unwrap();
-        tracker
-            .on_event(
-                json!({"type":"response.function_call_arguments.delta"}),
-                ms(5),
-            )
-            .unwrap();
-        tracker
-            .on_event(
-                json!({"type":"response.function_call_arguments.delta"}),
-                ms(8),
-            )
-            .unwrap();
+        assert!(tracker.on_event(json!({"type":"response.created"}), ms(1)).unwrap().is_none());
+        tracker.on_event(json!({"type":"response.output_item.added"}), ms(4)).unwrap();
+        tracker.on_event(json!({"type":"response.function_call_arguments.delta"}), ms(5)).unwrap();
+        tracker.on_event(json!({"type":"response.function_call_arguments.delta"}), ms(8)).unwrap();
         let completed = json!({"type":"response.completed","response":{
             "id":"resp_1",
             "output":[{"type":"function_call","call_id":"call_9","name":"run_tests","arguments":"{}"}],
@@ -220,20 +169,12 @@ mod tests {
             "x_tether":{"engine_us":5000,"queue_us":1000,"prefill_us":2000,"decode_us":3000}}});
         let response = tracker.on_event(completed, ms(10)).unwrap().unwrap();
         let reply = tracker.finish(response, ms(10), 321);
-        assert_eq!(
-            reply.action,
-            ModelAction::ToolCall {
-                call_id: "call_9".into()
-            }
-        );
+        assert_eq!(reply.action, ModelAction::ToolCall { call_id: "call_9".into() });
         assert_eq!(reply.response_id.as_deref(), Some("resp_1"));
         assert_eq!(reply.sample.ttft, Some(Duration::from_millis(4)));
         assert_eq!(reply.sample.inter_token, vec![Duration::from_millis(3)]);
         assert_eq!(reply.sample.engine, Some(Duration::from_millis(6)));
-        assert_eq!(
-            (reply.sample.input_tokens, reply.sample.cached_tokens),
-            (Some(120), Some(100))
-        );
+        assert_eq!((reply.sample.input_tokens, reply.sample.cached_tokens), (Some(120), Some(100)));
     }
 
     #[test]
@@ -241,10 +182,7 @@ mod tests {
         let mut tracker = EventTracker::new(Instant::now());
         let nested = json!({"type":"error","status":400,"error":{"code":"previous_response_not_found","message":"m"}});
         let err = tracker.on_event(nested, Instant::now()).unwrap_err();
-        assert_eq!(
-            err.class,
-            ErrorClass::ErrorEvent("previous_response_not_found".into())
-        );
+        assert_eq!(err.class, ErrorClass::ErrorEvent("previous_response_not_found".into()));
         let failed = json!({"type":"response.failed","response":{"error":{"code":"server_error","message":"x"}}});
         let err = tracker.on_event(failed, Instant::now()).unwrap_err();
         assert_eq!(err.class, ErrorClass::ResponseFailed("server_error".into()));

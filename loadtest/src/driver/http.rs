@@ -41,16 +41,9 @@ impl HttpAgent {
             let body = response.bytes().await.unwrap_or_default();
             let code = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
-                .and_then(|v| {
-                    v.pointer("/error/code")
-                        .and_then(|c| c.as_str())
-                        .map(str::to_owned)
-                });
+                .and_then(|v| v.pointer("/error/code").and_then(|c| c.as_str()).map(str::to_owned));
             let detail = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-            return Err(TurnError::new(
-                ErrorClass::HttpStatus(status.as_u16(), code),
-                detail,
-            ));
+            return Err(TurnError::new(ErrorClass::HttpStatus(status.as_u16(), code), detail));
         }
         let mut tracker = EventTracker::new(sent_at);
         let mut parser = SseParser::default();
@@ -62,17 +55,13 @@ impl HttpAgent {
                 if data == "[DONE]" {
                     continue;
                 }
-                let event = serde_json::from_str(&data)
-                    .map_err(|e| TurnError::protocol("bad_json", e.to_string()))?;
+                let event = serde_json::from_str(&data).map_err(|e| TurnError::protocol("bad_json", e.to_string()))?;
                 if let Some(response) = tracker.on_event(event, at)? {
                     return Ok(tracker.finish(response, at, bytes_sent));
                 }
             }
         }
-        Err(TurnError::protocol(
-            "sse_ended",
-            "stream ended without a terminal event",
-        ))
+        Err(TurnError::protocol("sse_ended", "stream ended without a terminal event"))
     }
 }
 
@@ -133,10 +122,7 @@ mod tests {
     fn sse_events_split_across_chunks() {
         let mut parser = SseParser::default();
         assert!(parser.push(b"event: a\r\ndata: {\"x\"").is_empty());
-        assert_eq!(
-            parser.push(b":1}\r\n\r\n: ping\n\nevent: b\ndata: 2\ndata: 3\n"),
-            vec!["{\"x\":1}"]
-        );
+        assert_eq!(parser.push(b":1}\r\n\r\n: ping\n\nevent: b\ndata: 2\ndata: 3\n"), vec!["{\"x\":1}"]);
         assert_eq!(parser.push(b"\n"), vec!["2\n3"]);
     }
 }

@@ -47,13 +47,7 @@ impl ModeContext {
         } else {
             (Vec::new(), None)
         };
-        Ok(Arc::new(ModeContext {
-            mode,
-            config: config.clone(),
-            http,
-            shards,
-            bpe,
-        }))
+        Ok(Arc::new(ModeContext { mode, config: config.clone(), http, shards, bpe }))
     }
 }
 
@@ -107,9 +101,7 @@ impl Agent {
         match ctx.mode {
             Mode::Ws => Agent::Ws(ws::WsAgent::new(ctx.clone())),
             Mode::Direct => Agent::Direct(direct::DirectAgent::new(ctx.clone())),
-            Mode::HttpChained | Mode::HttpFull | Mode::All => {
-                Agent::Http(http::HttpAgent::new(ctx.clone()))
-            }
+            Mode::HttpChained | Mode::HttpFull | Mode::All => Agent::Http(http::HttpAgent::new(ctx.clone())),
         }
     }
 
@@ -146,12 +138,7 @@ impl Agent {
 
 /// Runs one workflow to its final answer; records every turn and the workflow. Returns
 /// whether it succeeded.
-pub async fn run_workflow(
-    agent: &mut Agent,
-    ctx: &ModeContext,
-    plan: &WorkflowPlan,
-    recorder: &Recorder,
-) -> bool {
+pub async fn run_workflow(agent: &mut Agent, ctx: &ModeContext, plan: &WorkflowPlan, recorder: &Recorder) -> bool {
     let started = Instant::now();
     let timeout = ctx.config.request_timeout;
     let mut conv = Conversation::new(plan, ctx.mode, ctx.config.workload.seed);
@@ -166,10 +153,7 @@ pub async fn run_workflow(
         Ok(Ok(())) => {}
         Ok(Err(error)) => return fail(agent, error),
         Err(_) => {
-            return fail(
-                agent,
-                TurnError::new(crate::stats::ErrorClass::Timeout, "connect"),
-            );
+            return fail(agent, TurnError::new(crate::stats::ErrorClass::Timeout, "connect"));
         }
     }
     // One model call per tool turn plus the answer; the bound stops a model that never answers.
@@ -178,10 +162,7 @@ pub async fn run_workflow(
             Ok(Ok(reply)) => reply,
             Ok(Err(error)) => return fail(agent, error),
             Err(_) => {
-                return fail(
-                    agent,
-                    TurnError::new(crate::stats::ErrorClass::Timeout, "model call"),
-                );
+                return fail(agent, TurnError::new(crate::stats::ErrorClass::Timeout, "model call"));
             }
         };
         recorder.lock().record_turn(&reply.sample);
@@ -200,15 +181,9 @@ pub async fn run_workflow(
                 return fail(agent, TurnError::protocol("early_answer", detail));
             }
             ModelAction::ToolCall { .. } => {
-                return fail(
-                    agent,
-                    TurnError::protocol("extra_tool_call", "tool call after the last turn"),
-                );
+                return fail(agent, TurnError::protocol("extra_tool_call", "tool call after the last turn"));
             }
         }
     }
-    fail(
-        agent,
-        TurnError::protocol("extra_tool_call", "no final answer"),
-    )
+    fail(agent, TurnError::protocol("extra_tool_call", "no final answer"))
 }

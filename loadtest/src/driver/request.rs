@@ -36,10 +36,7 @@ pub fn create_body(mode: Mode, model: &str, conv: &Conversation<'_>) -> Value {
             } else {
                 map.insert("stream".into(), json!(true));
             }
-            map.insert(
-                "previous_response_id".into(),
-                json!(conv.previous_response_id),
-            );
+            map.insert("previous_response_id".into(), json!(conv.previous_response_id));
             map.insert("input".into(), json!(conv.new_items));
         }
         Mode::HttpFull | Mode::Direct | Mode::All => {
@@ -77,23 +74,17 @@ mod tests {
         assert_eq!(first["type"], "response.create");
         assert_eq!(first["previous_response_id"], json!(null));
         assert_eq!(first["metadata"]["tether_sim_tool_calls"], "2");
-        let call =
-            json!({"type":"function_call","call_id":"call_1","name":"run_tests","arguments":"{}"});
+        let call = json!({"type":"function_call","call_id":"call_1","name":"run_tests","arguments":"{}"});
         let reply = crate::driver::TurnReply {
             sample: Default::default(),
             response_id: Some("resp_1".into()),
             output: vec![call.clone()],
-            action: crate::driver::ModelAction::ToolCall {
-                call_id: "call_1".into(),
-            },
+            action: crate::driver::ModelAction::ToolCall { call_id: "call_1".into() },
         };
         conv.advance(reply, "call_1".into());
         let chained = create_body(Mode::HttpChained, "m", &conv);
         assert_eq!(chained["previous_response_id"], "resp_1");
-        assert_eq!(
-            chained["input"],
-            json!([function_call_output("call_1", &plan.tool_outputs[0])])
-        );
+        assert_eq!(chained["input"], json!([function_call_output("call_1", &plan.tool_outputs[0])]));
         let full = create_body(Mode::HttpFull, "m", &conv);
         assert_eq!(full["store"], false);
         assert!(full.get("previous_response_id").is_none());

@@ -52,14 +52,11 @@ impl WsAgent {
             .as_str()
             .into_client_request()
             .map_err(|e| TurnError::new(ErrorClass::Connect, e.to_string()))?;
-        let bearer =
-            HeaderValue::from_str(&format!("Bearer {}", target.api_key)).map_err(|_| {
-                TurnError::new(ErrorClass::Connect, "api key is not a valid header value")
-            })?;
+        let bearer = HeaderValue::from_str(&format!("Bearer {}", target.api_key))
+            .map_err(|_| TurnError::new(ErrorClass::Connect, "api key is not a valid header value"))?;
         request.headers_mut().insert("authorization", bearer);
-        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
-            .await
-            .map_err(connect_error)?;
+        let (socket, _) =
+            tokio_tungstenite::connect_async_with_config(request, None, true).await.map_err(connect_error)?;
         self.socket = Some(socket);
         Ok(())
     }
@@ -67,8 +64,7 @@ impl WsAgent {
     pub async fn turn(&mut self, conv: &Conversation<'_>) -> Result<TurnReply, TurnError> {
         self.ensure_connected().await?;
         let socket = self.socket.as_mut().expect("connected above");
-        let body =
-            request::create_body(self.ctx.mode, &self.ctx.config.target.model, conv).to_string();
+        let body = request::create_body(self.ctx.mode, &self.ctx.config.target.model, conv).to_string();
         let bytes_sent = body.len() as u64;
         let sent_at = Instant::now();
         socket
@@ -81,10 +77,7 @@ impl WsAgent {
                 Some(Ok(message)) => message,
                 Some(Err(e)) => return Err(TurnError::protocol("ws_read", e.to_string())),
                 None => {
-                    return Err(TurnError::protocol(
-                        "ws_closed",
-                        "socket ended mid-response",
-                    ));
+                    return Err(TurnError::protocol("ws_closed", "socket ended mid-response"));
                 }
             };
             let at = Instant::now();
@@ -92,15 +85,11 @@ impl WsAgent {
                 Message::Text(text) => text.as_bytes(),
                 Message::Binary(bytes) => bytes.as_ref(),
                 Message::Close(frame) => {
-                    return Err(TurnError::protocol(
-                        "ws_closed",
-                        format!("close frame {frame:?}"),
-                    ));
+                    return Err(TurnError::protocol("ws_closed", format!("close frame {frame:?}")));
                 }
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             };
-            let event = serde_json::from_slice(payload)
-                .map_err(|e| TurnError::protocol("bad_json", e.to_string()))?;
+            let event = serde_json::from_slice(payload).map_err(|e| TurnError::protocol("bad_json", e.to_string()))?;
             if let Some(response) = tracker.on_event(event, at)? {
                 return Ok(tracker.finish(response, at, bytes_sent));
             }
@@ -116,15 +105,8 @@ fn connect_error(error: WsError) -> TurnError {
                 .body()
                 .as_deref()
                 .and_then(|body| serde_json::from_slice::<serde_json::Value>(body).ok())
-                .and_then(|v| {
-                    v.pointer("/error/code")
-                        .and_then(|c| c.as_str())
-                        .map(str::to_owned)
-                });
-            TurnError::new(
-                ErrorClass::HttpStatus(status, code),
-                "websocket handshake rejected",
-            )
+                .and_then(|v| v.pointer("/error/code").and_then(|c| c.as_str()).map(str::to_owned));
+            TurnError::new(ErrorClass::HttpStatus(status, code), "websocket handshake rejected")
         }
         other => TurnError::new(ErrorClass::Connect, other.to_string()),
     }

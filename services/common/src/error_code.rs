@@ -61,9 +61,7 @@ impl ErrorClass {
     /// Classifies a gRPC status received from a peer.
     pub fn from_grpc(code: Code) -> Self {
         match code {
-            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-                ErrorClass::InvalidRequest
-            }
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => ErrorClass::InvalidRequest,
             Code::NotFound => ErrorClass::NotFound,
             Code::Unauthenticated | Code::PermissionDenied => ErrorClass::Unauthenticated,
             Code::Unavailable => ErrorClass::Unavailable,

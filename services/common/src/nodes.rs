@@ -63,7 +63,11 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
         let mut members = discovery.watch(kind);
         let set = NodeSet {
             kind,
-            view: Arc::new(RwLock::new(View { ring: Ring::new([], DEFAULT_VNODES), nodes: HashMap::new(), ejected: BTreeSet::new() })),
+            view: Arc::new(RwLock::new(View {
+                ring: Ring::new([], DEFAULT_VNODES),
+                nodes: HashMap::new(),
+                ejected: BTreeSet::new(),
+            })),
             members: members.clone(),
         };
         set.apply(&members.borrow_and_update().clone(), &connect);
@@ -109,12 +113,18 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
             }
         }
         let nodes = &view.nodes;
-        let still_members: BTreeSet<String> = view.ejected.iter().filter(|id| nodes.contains_key(*id)).cloned().collect();
+        let still_members: BTreeSet<String> =
+            view.ejected.iter().filter(|id| nodes.contains_key(*id)).cloned().collect();
         view.ejected = still_members;
         view.rebuild();
         metrics::counter!(MEMBERSHIP_CHANGES, "kind" => self.kind.as_str()).increment(1);
         metrics::gauge!(LIVE_NODES, "kind" => self.kind.as_str()).set(view.ring.len() as f64);
-        tracing::info!(kind = self.kind.as_str(), members = view.nodes.len(), live = view.ring.len(), "membership changed");
+        tracing::info!(
+            kind = self.kind.as_str(),
+            members = view.nodes.len(),
+            live = view.ring.len(),
+            "membership changed"
+        );
     }
 
     async fn probe_ejected(&self, probe: &Probe<C>) {

@@ -68,9 +68,10 @@ impl Ring {
     /// the key once its owner leaves. It holds the key's replica.
     pub fn successor(&self, key: u64) -> Option<&str> {
         let owner = self.owner(key)?;
-        let without = self.without.get(owner)?.get_or_init(|| {
-            Box::new(build(self.nodes.iter().filter(|n| *n != owner), self.vnodes))
-        });
+        let without = self
+            .without
+            .get(owner)?
+            .get_or_init(|| Box::new(build(self.nodes.iter().filter(|n| *n != owner), self.vnodes)));
         without.get(&key).map(|vnode| {
             // The node names live in `self.nodes`; return that borrow, not the sub-ring's.
             self.nodes.get(&vnode.node).expect("sub-ring nodes are ring nodes").as_str()
@@ -81,9 +82,7 @@ impl Ring {
 fn build<'a>(nodes: impl Iterator<Item = &'a String>, vnodes: u32) -> HashRing<VirtualNode> {
     let mut ring = HashRing::new();
     ring.batch_add(
-        nodes
-            .flat_map(|node| (0..vnodes).map(move |replica| VirtualNode { node: node.clone(), replica }))
-            .collect(),
+        nodes.flat_map(|node| (0..vnodes).map(move |replica| VirtualNode { node: node.clone(), replica })).collect(),
     );
     ring
 }
@@ -98,9 +97,8 @@ mod tests {
     fn keys_spread_and_only_a_removed_nodes_keys_move() {
         let ring = Ring::new(["w1", "w2", "w3"], 128);
         let mut counts: HashMap<String, usize> = HashMap::new();
-        let owners: Vec<String> = (0..10_000u64)
-            .map(|k| ring.owner(k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).unwrap().to_owned())
-            .collect();
+        let owners: Vec<String> =
+            (0..10_000u64).map(|k| ring.owner(k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).unwrap().to_owned()).collect();
         for owner in &owners {
             *counts.entry(owner.clone()).or_default() += 1;
         }

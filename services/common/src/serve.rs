@@ -17,11 +17,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Serves `router` until `shutdown` is cancelled, then stops accepting and waits for open
 /// connections to finish (the caller bounds that wait with its one shutdown deadline).
-pub async fn serve_router(
-    listener: TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
+pub async fn serve_router(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
     let listener = listener.tap_io(|stream| {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "set TCP_NODELAY failed");

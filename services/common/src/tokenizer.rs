@@ -9,9 +9,7 @@ static O200K: OnceLock<Arc<CoreBPE>> = OnceLock::new();
 
 /// Returns the process-wide o200k_base tokenizer.
 pub fn o200k() -> Arc<CoreBPE> {
-    O200K
-        .get_or_init(|| Arc::new(tiktoken_rs::o200k_base().expect("embedded o200k_base loads")))
-        .clone()
+    O200K.get_or_init(|| Arc::new(tiktoken_rs::o200k_base().expect("embedded o200k_base loads"))).clone()
 }
 
 /// Opens a tool call in the chat format tether's templates use (Hermes style): the model

@@ -48,7 +48,12 @@ impl std::ops::Deref for EdgeState {
 }
 
 impl EdgeState {
-    pub fn new(config: EdgeConfig, workers: WorkerPool, shards: watch::Receiver<Members>, readiness: Readiness) -> Self {
+    pub fn new(
+        config: EdgeConfig,
+        workers: WorkerPool,
+        shards: watch::Receiver<Members>,
+        readiness: Readiness,
+    ) -> Self {
         EdgeState(Arc::new(EdgeInner {
             auth: Auth::new(config.auth, &config.api_keys),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
@@ -115,7 +120,9 @@ pub fn router(state: EdgeState) -> Router {
         .route("/v1/responses/{id}", get(http::responses::retrieve).delete(http::responses::delete))
         .route("/v1/models", get(http::models::list))
         .route("/v1/cluster", get(http::models::cluster))
-        .fallback(|| async { http_error(&crate::error::api_error(404, "invalid_request_error", "not_found", "Unknown path.", "")) })
+        .fallback(|| async {
+            http_error(&crate::error::api_error(404, "invalid_request_error", "not_found", "Unknown path.", ""))
+        })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
         .merge(ops::router(readiness))

@@ -98,7 +98,11 @@ impl EdgeConfig {
         }
     }
 
-    pub fn from_limits(limits: EdgeLimitArgs, shutdown_grace: Duration, default_auth: AuthMode) -> Result<Self, ConfigError> {
+    pub fn from_limits(
+        limits: EdgeLimitArgs,
+        shutdown_grace: Duration,
+        default_auth: AuthMode,
+    ) -> Result<Self, ConfigError> {
         let auth = limits.auth.unwrap_or(default_auth);
         if auth == AuthMode::Keys && limits.api_keys.is_empty() {
             return Err(ConfigError::NoKeys);

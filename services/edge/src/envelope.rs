@@ -54,7 +54,9 @@ impl Envelope {
         let kind = match raw.kind {
             None | Some(Value::Null) => None,
             Some(Value::String(kind)) => Some(kind),
-            Some(_) => return Err(reject(invalid("invalid_event_type", "The 'type' field must be a string.", "type"), None)),
+            Some(_) => {
+                return Err(reject(invalid("invalid_event_type", "The 'type' field must be a string.", "type"), None));
+            }
         };
         let stream_id = match raw.stream_id {
             None | Some(Value::Null) => None,
@@ -79,7 +81,11 @@ impl Envelope {
             },
             Some(_) => {
                 return Err(reject(
-                    invalid("invalid_request", "'previous_response_id' must be a string or null.", "previous_response_id"),
+                    invalid(
+                        "invalid_request",
+                        "'previous_response_id' must be a string or null.",
+                        "previous_response_id",
+                    ),
                     stream_id,
                 ));
             }
@@ -106,7 +112,9 @@ mod tests {
     #[test]
     fn parses_routing_fields() {
         let id = ResponseId::new(SessionKey(42));
-        let body = format!(r#"{{"type":"response.create","stream":true,"stream_id":"main","previous_response_id":"{id}","input":[1,2]}}"#);
+        let body = format!(
+            r#"{{"type":"response.create","stream":true,"stream_id":"main","previous_response_id":"{id}","input":[1,2]}}"#
+        );
         let envelope = Envelope::parse(body.as_bytes()).unwrap();
         assert_eq!(envelope.kind.as_deref(), Some("response.create"));
         assert!(envelope.stream);

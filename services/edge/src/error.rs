@@ -20,7 +20,13 @@ pub enum EdgeError {
 
 /// Builds an [`ApiError`].
 pub fn api_error(status: u16, kind: &str, code: &str, message: impl Into<String>, param: &str) -> ApiError {
-    ApiError { status: u32::from(status), r#type: kind.into(), code: code.into(), message: message.into(), param: param.into() }
+    ApiError {
+        status: u32::from(status),
+        r#type: kind.into(),
+        code: code.into(),
+        message: message.into(),
+        param: param.into(),
+    }
 }
 
 pub fn invalid(code: &str, message: impl Into<String>, param: &str) -> ApiError {
@@ -28,7 +34,11 @@ pub fn invalid(code: &str, message: impl Into<String>, param: &str) -> ApiError 
 }
 
 pub fn previous_not_found(id: &str) -> ApiError {
-    invalid("previous_response_not_found", format!("Previous response with id '{id}' not found."), "previous_response_id")
+    invalid(
+        "previous_response_not_found",
+        format!("Previous response with id '{id}' not found."),
+        "previous_response_id",
+    )
 }
 
 pub fn rate_limited(message: &str) -> ApiError {
@@ -37,7 +47,13 @@ pub fn rate_limited(message: &str) -> ApiError {
 
 pub fn unavailable(class: ErrorClass) -> ApiError {
     let status = class.http_status().as_u16();
-    api_error(status, "server_error", "server_error", "No worker is available to serve this request. Retry the request.", "")
+    api_error(
+        status,
+        "server_error",
+        "server_error",
+        "No worker is available to serve this request. Retry the request.",
+        "",
+    )
 }
 
 fn null_if_empty(text: &str) -> Value {

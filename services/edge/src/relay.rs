@@ -130,7 +130,9 @@ impl Relay {
         match kind {
             turn_event::Kind::Event(event) => {
                 if self.sent == 0 && event.event_type == "response.created" {
-                    self.created = serde_json::from_slice::<Value>(&event.json).ok().and_then(|mut v| v.get_mut("response").map(Value::take));
+                    self.created = serde_json::from_slice::<Value>(&event.json)
+                        .ok()
+                        .and_then(|mut v| v.get_mut("response").map(Value::take));
                 }
                 self.sent += 1;
                 if event.terminal {
@@ -159,7 +161,8 @@ impl Relay {
         let mut response = self.created.take()?;
         response["status"] = json!("failed");
         response["output"] = json!([]);
-        response["error"] = json!({"code": "server_error", "message": "The worker serving this response became unavailable."});
+        response["error"] =
+            json!({"code": "server_error", "message": "The worker serving this response became unavailable."});
         let mut event = json!({"type": "response.failed", "sequence_number": self.sent});
         if let Some(stream_id) = &self.stream_id {
             event["stream_id"] = json!(stream_id);
@@ -167,6 +170,10 @@ impl Relay {
         event["response"] = response;
         self.sent += 1;
         metrics::counter!(m::RESPONSES_FAILED_MIDSTREAM).increment(1);
-        Some(RelayItem::Event { event_type: "response.failed".into(), json: event.to_string().into_bytes(), terminal: true })
+        Some(RelayItem::Event {
+            event_type: "response.failed".into(),
+            json: event.to_string().into_bytes(),
+            terminal: true,
+        })
     }
 }

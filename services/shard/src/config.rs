@@ -79,7 +79,12 @@ pub struct EngineArgs {
     pub batch_tokens: u32,
 
     /// Output length when a request sets no `max_output_tokens`.
-    #[arg(long = "llama-max-output-tokens", env = "TETHER_LLAMA_MAX_OUTPUT_TOKENS", default_value_t = 512, help_heading = "Engine")]
+    #[arg(
+        long = "llama-max-output-tokens",
+        env = "TETHER_LLAMA_MAX_OUTPUT_TOKENS",
+        default_value_t = 512,
+        help_heading = "Engine"
+    )]
     pub max_output_tokens: u32,
 }
 
@@ -158,7 +163,13 @@ pub fn default_model_name(path: &std::path::Path) -> String {
 #[derive(Clone, Debug, Args)]
 pub struct SimArgs {
     /// Model names the sim engine answers to.
-    #[arg(long = "sim-model", env = "TETHER_SIM_MODELS", value_delimiter = ',', default_value = "tether-sim", help_heading = "Sim engine")]
+    #[arg(
+        long = "sim-model",
+        env = "TETHER_SIM_MODELS",
+        value_delimiter = ',',
+        default_value = "tether-sim",
+        help_heading = "Sim engine"
+    )]
     pub models: Vec<String>,
 
     /// Fixed time to first token.
@@ -166,11 +177,21 @@ pub struct SimArgs {
     pub ttft_base: Duration,
 
     /// Prefill cost per uncached prompt token, in microseconds.
-    #[arg(long = "sim-prefill-us-per-token", env = "TETHER_SIM_PREFILL_US_PER_TOKEN", default_value_t = 20.0, help_heading = "Sim engine")]
+    #[arg(
+        long = "sim-prefill-us-per-token",
+        env = "TETHER_SIM_PREFILL_US_PER_TOKEN",
+        default_value_t = 20.0,
+        help_heading = "Sim engine"
+    )]
     pub prefill_us_per_token: f64,
 
     /// Decode rate in tokens per second.
-    #[arg(long = "sim-decode-tps", env = "TETHER_SIM_DECODE_TPS", default_value_t = 1000.0, help_heading = "Sim engine")]
+    #[arg(
+        long = "sim-decode-tps",
+        env = "TETHER_SIM_DECODE_TPS",
+        default_value_t = 1000.0,
+        help_heading = "Sim engine"
+    )]
     pub decode_tokens_per_second: f64,
 
     /// Concurrent decode slots; further requests queue.
@@ -178,7 +199,12 @@ pub struct SimArgs {
     pub slots: u32,
 
     /// Length of a text answer unless the request says otherwise.
-    #[arg(long = "sim-output-tokens", env = "TETHER_SIM_OUTPUT_TOKENS", default_value_t = 32, help_heading = "Sim engine")]
+    #[arg(
+        long = "sim-output-tokens",
+        env = "TETHER_SIM_OUTPUT_TOKENS",
+        default_value_t = 32,
+        help_heading = "Sim engine"
+    )]
     pub output_tokens: u32,
 }
 

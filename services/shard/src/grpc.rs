@@ -162,7 +162,10 @@ impl Shard for ShardService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn drop_session(&self, request: Request<DropSessionRequest>) -> Result<Response<DropSessionResponse>, Status> {
+    async fn drop_session(
+        &self,
+        request: Request<DropSessionRequest>,
+    ) -> Result<Response<DropSessionResponse>, Status> {
         let session = request.into_inner().session;
         let dropped = self.cache.drop_session(session);
         self.engine.drop_session(session);
@@ -170,13 +173,19 @@ impl Shard for ShardService {
     }
 
     #[tracing::instrument(skip_all, fields(session = %format_args!("{:016x}", request.get_ref().session)))]
-    async fn export_session(&self, request: Request<ExportSessionRequest>) -> Result<Response<ExportSessionResponse>, Status> {
+    async fn export_session(
+        &self,
+        request: Request<ExportSessionRequest>,
+    ) -> Result<Response<ExportSessionResponse>, Status> {
         let exported = migration::export(self.engine.as_ref(), &self.cache, request.into_inner().session).await?;
         Ok(Response::new(exported.unwrap_or_default()))
     }
 
     #[tracing::instrument(skip_all, fields(session = %format_args!("{:016x}", request.get_ref().session)))]
-    async fn import_session(&self, request: Request<ImportSessionRequest>) -> Result<Response<ImportSessionResponse>, Status> {
+    async fn import_session(
+        &self,
+        request: Request<ImportSessionRequest>,
+    ) -> Result<Response<ImportSessionResponse>, Status> {
         // A draining or fenced shard takes no sessions: they would leave again with it.
         if !self.serving.is_ready() {
             return Err(crate::ShardError::NotServing.into());

@@ -91,9 +91,9 @@ impl KvCache {
     /// Returns how many leading tokens of `prompt` the session holds (the stateless path).
     pub fn longest_prefix(&self, session: u64, prompt: &[u32]) -> u32 {
         let mut entries = self.entries.lock();
-        let matched = entries.get(&session).map_or(0, |entry| {
-            entry.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count()
-        });
+        let matched = entries
+            .get(&session)
+            .map_or(0, |entry| entry.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count());
         if matched > 0 {
             self.hits.fetch_add(1, Ordering::Relaxed);
         } else {

@@ -31,26 +31,16 @@ pub async fn export(
     };
     // A shard serves one model (the sim's state does not depend on the model name).
     let model = engine.models().first().cloned().unwrap_or_default();
-    Ok(Some(ExportSessionResponse {
-        found: true,
-        model,
-        tokens,
-        state,
-    }))
+    Ok(Some(ExportSessionResponse { found: true, model, tokens, state }))
 }
 
 /// Loads an exported session; returns how many tokens the session now holds here.
 pub async fn import(engine: &dyn Engine, cache: &KvCache, request: ImportSessionRequest) -> Result<u32, ShardError> {
     if !engine.models().contains(&request.model) {
-        return Err(ShardError::IncompatibleState(format!(
-            "model {:?} is not served by this shard",
-            request.model
-        )));
+        return Err(ShardError::IncompatibleState(format!("model {:?} is not served by this shard", request.model)));
     }
     let held = request.tokens.len() as u32;
-    engine
-        .import_session(request.session, request.tokens.clone(), request.state)
-        .await?;
+    engine.import_session(request.session, request.tokens.clone(), request.state).await?;
     cache.import(request.session, request.tokens);
     metrics::counter!(m::SESSIONS_IMPORTED).increment(1);
     Ok(held)
@@ -76,12 +66,8 @@ pub async fn hand_off(engine: &dyn Engine, cache: &KvCache, peers: &ShardPeers, 
             }
         };
         let (tokens, bytes) = (exported.tokens.len(), exported.state.len());
-        let request = ImportSessionRequest {
-            session,
-            model: exported.model,
-            tokens: exported.tokens,
-            state: exported.state,
-        };
+        let request =
+            ImportSessionRequest { session, model: exported.model, tokens: exported.tokens, state: exported.state };
         match tokio::time::timeout_at(deadline.into(), client.import_session(request)).await {
             Ok(Ok(reply)) if reply.get_ref().imported => {
                 moved += 1;

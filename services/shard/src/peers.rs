@@ -41,30 +41,15 @@ impl ShardPeers {
         });
         let probe = Arc::new(|mut client: PeerClient| -> BoxFuture<'static, bool> {
             Box::pin(async move {
-                matches!(
-                    tokio::time::timeout(Duration::from_millis(500), client.info(InfoRequest {})).await,
-                    Ok(Ok(_))
-                )
+                matches!(tokio::time::timeout(Duration::from_millis(500), client.info(InfoRequest {})).await, Ok(Ok(_)))
             })
         });
-        let nodes = NodeSet::start(
-            discovery,
-            NodeKind::Shard,
-            connect,
-            probe,
-            Duration::from_millis(250),
-            stop,
-        );
-        ShardPeers {
-            nodes,
-            self_id: Arc::from(self_id),
-        }
+        let nodes = NodeSet::start(discovery, NodeKind::Shard, connect, probe, Duration::from_millis(250), stop);
+        ShardPeers { nodes, self_id: Arc::from(self_id) }
     }
 
     /// Returns who owns `session` once this shard has left the ring (`None` if no other shard).
     pub fn next_owner(&self, session: u64) -> Option<(Arc<str>, PeerClient)> {
-        self.nodes
-            .owner_without(session, &self.self_id)
-            .filter(|(id, _)| **id != *self.self_id)
+        self.nodes.owner_without(session, &self.self_id).filter(|(id, _)| **id != *self.self_id)
     }
 }

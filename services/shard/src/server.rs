@@ -43,14 +43,15 @@ pub async fn serve(
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     )
-        .into_axum_router()
-        .merge(ops::router(serving.clone()));
+    .into_axum_router()
+    .merge(ops::router(serving.clone()));
 
     let stop_serving = CancellationToken::new();
     let server = tokio::spawn(serve_router(listener, router, stop_serving.clone()));
     let member = Member { id: id.clone(), addr: addr.clone() };
     // A lost lease fences the shard (no generation) until it is registered again.
-    let Some(registration) = membership::hold(discovery.as_ref(), NodeKind::Shard, &member, &serving, &shutdown, || {}).await
+    let Some(registration) =
+        membership::hold(discovery.as_ref(), NodeKind::Shard, &member, &serving, &shutdown, || {}).await
     else {
         serving.set(false);
         stop_serving.cancel();

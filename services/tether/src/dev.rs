@@ -52,7 +52,10 @@ pub struct DevArgs {
 pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliError> {
     if let Some(llama) = args.engine.llama().filter(|llama| !llama.model_path.is_file()) {
         // Fail before serving: nodes that fail later would leave the edge up with no shard.
-        return Err(CliError::Config(format!("--model {}: no such file (scripts/fetch-model.sh)", llama.model_path.display())));
+        return Err(CliError::Config(format!(
+            "--model {}: no such file (scripts/fetch-model.sh)",
+            llama.model_path.display()
+        )));
     }
     let discovery: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::new());
     let internal = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
@@ -65,7 +68,9 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
             llama.threads = (llama.threads / args.shards.max(1) as u32).max(1); // share the cores
         }
         let (discovery, shutdown) = (discovery.clone(), shutdown.clone());
-        nodes.spawn(async move { tether_shard::serve(config, listener, discovery, shutdown).await.map_err(|e| e.to_string()) });
+        nodes.spawn(async move {
+            tether_shard::serve(config, listener, discovery, shutdown).await.map_err(|e| e.to_string())
+        });
     }
     for index in 0..args.workers {
         let listener = bind(internal).await.map_err(CliError::Bind)?;
@@ -77,10 +82,13 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
             config.llama_models = vec![(llama.model_name, llama.model_path)];
         }
         let (discovery, shutdown) = (discovery.clone(), shutdown.clone());
-        nodes.spawn(async move { tether_worker::serve(config, listener, discovery, shutdown).await.map_err(|e| e.to_string()) });
+        nodes.spawn(async move {
+            tether_worker::serve(config, listener, discovery, shutdown).await.map_err(|e| e.to_string())
+        });
     }
-    let edge_config = tether_edge::EdgeConfig::from_limits(args.limits, args.shutdown_grace, tether_edge::config::AuthMode::Open)
-        .map_err(|e| CliError::Config(e.to_string()))?;
+    let edge_config =
+        tether_edge::EdgeConfig::from_limits(args.limits, args.shutdown_grace, tether_edge::config::AuthMode::Open)
+            .map_err(|e| CliError::Config(e.to_string()))?;
     let listener = bind(args.listen).await.map_err(CliError::Bind)?;
     let addr = listener.local_addr().map_err(CliError::Bind)?;
     tracing::info!(%addr, workers = args.workers, shards = args.shards, "tether dev listening");

@@ -54,7 +54,8 @@ fn conversation(turns: usize) -> Vec<Item> {
 }
 
 fn session(c: &mut Criterion) {
-    let cache = SessionCache::new(CacheLimits { max_bytes: 1 << 30, max_entries: 1_000_000, ttl: Duration::from_secs(3600) });
+    let cache =
+        SessionCache::new(CacheLimits { max_bytes: 1 << 30, max_entries: 1_000_000, ttl: Duration::from_secs(3600) });
     for i in 0..100_000 {
         cache.insert(state(i));
     }

@@ -31,7 +31,11 @@ pub fn describe() {
     metrics::describe_counter!(CACHE_EVICTIONS, "Session states evicted, by reason");
     metrics::describe_gauge!(CACHE_BYTES, "Approximate bytes of session state held");
     metrics::describe_gauge!(CACHE_ENTRIES, "Session states held");
-    metrics::describe_histogram!(REPLICATION_SECONDS, metrics::Unit::Seconds, "Replication lag: commit to replica acknowledged");
+    metrics::describe_histogram!(
+        REPLICATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Replication lag: commit to replica acknowledged"
+    );
     metrics::describe_counter!(REPLICATION_FAILURES, "Responses whose replica could not be written");
     metrics::describe_counter!(REPLICATION_FULL, "Replicas sent whole because the holder lacked the parent");
     metrics::describe_counter!(REPLICAS_STORED, "Replica batches received");

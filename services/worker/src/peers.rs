@@ -33,7 +33,10 @@ impl Peers {
         });
         let probe = Arc::new(|mut client: PeerClient| -> tether_common::discovery::BoxFuture<'static, bool> {
             Box::pin(async move {
-                matches!(tokio::time::timeout(Duration::from_millis(500), client.list_models(ListModelsRequest {})).await, Ok(Ok(_)))
+                matches!(
+                    tokio::time::timeout(Duration::from_millis(500), client.list_models(ListModelsRequest {})).await,
+                    Ok(Ok(_))
+                )
             })
         });
         let nodes = NodeSet::start(discovery, NodeKind::Worker, connect, probe, Duration::from_millis(250), stop);

@@ -98,9 +98,15 @@ impl Renderer {
 
     /// Renders `items`; `in_assistant` says whether the sequence so far ends inside an open
     /// assistant block. Returns whether the rendering ends inside one.
-    pub fn items<'a>(&self, items: impl IntoIterator<Item = &'a Item>, mut in_assistant: bool, out: &mut Vec<u32>) -> bool {
+    pub fn items<'a>(
+        &self,
+        items: impl IntoIterator<Item = &'a Item>,
+        mut in_assistant: bool,
+        out: &mut Vec<u32>,
+    ) -> bool {
         for item in items {
-            let assistant_side = matches!(item, Item::Message { role: Role::Assistant, .. } | Item::FunctionCall { .. });
+            let assistant_side =
+                matches!(item, Item::Message { role: Role::Assistant, .. } | Item::FunctionCall { .. });
             if assistant_side && !in_assistant {
                 out.extend_from_slice(&self.open_assistant);
                 in_assistant = true;
@@ -151,7 +157,10 @@ pub fn tool_call_text(name: &str, arguments: &str) -> String {
     // Arguments are a JSON string; embed them as the JSON they encode when they parse.
     match serde_json::from_str::<Value>(arguments) {
         Ok(value) => format!("{TOOL_CALL_OPEN}{{\"name\":{name},\"arguments\":{value}}}{TOOL_CALL_CLOSE}"),
-        Err(_) => format!("{TOOL_CALL_OPEN}{{\"name\":{name},\"arguments\":{}}}{TOOL_CALL_CLOSE}", Value::String(arguments.to_owned())),
+        Err(_) => format!(
+            "{TOOL_CALL_OPEN}{{\"name\":{name},\"arguments\":{}}}{TOOL_CALL_CLOSE}",
+            Value::String(arguments.to_owned())
+        ),
     }
 }
 
@@ -163,7 +172,12 @@ mod tests {
     fn conversation() -> Vec<Item> {
         vec![
             Item::Message { role: Role::User, text: "Fix the build.".into() },
-            Item::FunctionCall { id: "fc_1".into(), call_id: "c1".into(), name: "run".into(), arguments: "{\"a\":1}".into() },
+            Item::FunctionCall {
+                id: "fc_1".into(),
+                call_id: "c1".into(),
+                name: "run".into(),
+                arguments: "{\"a\":1}".into(),
+            },
             Item::FunctionCallOutput { call_id: "c1".into(), output: "3 failed".into() },
             Item::Message { role: Role::Assistant, text: " done.".into() },
         ]

@@ -142,7 +142,8 @@ pub async fn hand_off(ctx: &WorkerContext) -> usize {
                     let whole: Vec<SessionState> =
                         batch.iter().filter(|s| missing.contains(&s.id)).map(|s| to_proto(s, false)).collect();
                     if !whole.is_empty() {
-                        let _ = tokio::time::timeout(CALL_LIMIT, client.replicate(ReplicateRequest { states: whole })).await;
+                        let _ = tokio::time::timeout(CALL_LIMIT, client.replicate(ReplicateRequest { states: whole }))
+                            .await;
                     }
                     moved += batch.len();
                 }

@@ -66,7 +66,8 @@ pub async fn serve_with(
     let member = Member { id: id.clone(), addr: addr.clone() };
     // Serve until shutdown; a lost lease fences the worker (no turns) until re-registered.
     let fenced = || metrics::counter!(crate::metrics::FENCED).increment(1);
-    let Some(registration) = membership::hold(discovery.as_ref(), NodeKind::Worker, &member, &serving, &shutdown, fenced).await
+    let Some(registration) =
+        membership::hold(discovery.as_ref(), NodeKind::Worker, &member, &serving, &shutdown, fenced).await
     else {
         // Shutdown came before the first registration.
         serving.set(false);

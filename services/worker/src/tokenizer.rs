@@ -71,9 +71,7 @@ impl Renderers {
         for (name, path) in llama_models {
             let tokenizer = load_llama(path)?;
             tracing::info!(model = %name, path = %path.display(), "rendering with the model's vocabulary");
-            renderers
-                .by_model
-                .insert(name.clone(), Renderer::with_tokenizer(tokenizer));
+            renderers.by_model.insert(name.clone(), Renderer::with_tokenizer(tokenizer));
         }
         Ok(renderers)
     }

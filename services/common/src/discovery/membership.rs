@@ -20,7 +20,9 @@ pub async fn register_with_retry(
     loop {
         match discovery.register(kind, member.clone()).await {
             Ok(registration) => return Some(registration),
-            Err(error) => tracing::warn!(kind = kind.as_str(), node = %member.id, %error, "registration failed; retrying"),
+            Err(error) => {
+                tracing::warn!(kind = kind.as_str(), node = %member.id, %error, "registration failed; retrying")
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return None,

@@ -64,11 +64,7 @@ impl MemoryDiscovery {
 }
 
 impl Discovery for MemoryDiscovery {
-    fn register(
-        &self,
-        kind: NodeKind,
-        member: Member,
-    ) -> BoxFuture<'_, Result<Registration, DiscoveryError>> {
+    fn register(&self, kind: NodeKind, member: Member) -> BoxFuture<'_, Result<Registration, DiscoveryError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
             let lost = CancellationToken::new();
@@ -90,8 +86,7 @@ impl Discovery for MemoryDiscovery {
                 Box::pin(async move {
                     let mut state = inner.state.lock();
                     // Only remove the entry this registration owns.
-                    let owned =
-                        state.leases.get(&(kind, id.clone())).is_some_and(|(g, _)| *g == generation);
+                    let owned = state.leases.get(&(kind, id.clone())).is_some_and(|(g, _)| *g == generation);
                     if owned {
                         state.leases.remove(&(kind, id.clone()));
                         state.update(kind, |members| {

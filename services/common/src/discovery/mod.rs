@@ -62,10 +62,7 @@ pub struct Registration {
 }
 
 impl Registration {
-    pub fn new(
-        lost: CancellationToken,
-        revoke: impl FnOnce() -> BoxFuture<'static, ()> + Send + 'static,
-    ) -> Self {
+    pub fn new(lost: CancellationToken, revoke: impl FnOnce() -> BoxFuture<'static, ()> + Send + 'static) -> Self {
         Registration { lost, revoke: Box::new(revoke) }
     }
 
@@ -83,11 +80,7 @@ impl Registration {
 /// Registration and watching of members.
 pub trait Discovery: Send + Sync + 'static {
     /// Registers `member` under `kind` with a lease kept alive until revoked or lost.
-    fn register(
-        &self,
-        kind: NodeKind,
-        member: Member,
-    ) -> BoxFuture<'_, Result<Registration, DiscoveryError>>;
+    fn register(&self, kind: NodeKind, member: Member) -> BoxFuture<'_, Result<Registration, DiscoveryError>>;
 
     /// Returns a receiver that always holds the latest known members of `kind`.
     fn watch(&self, kind: NodeKind) -> watch::Receiver<Members>;

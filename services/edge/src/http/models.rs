@@ -32,8 +32,7 @@ pub async fn list(State(state): State<EdgeState>, headers: HeaderMap) -> Respons
 }
 
 pub async fn cluster(State(state): State<EdgeState>) -> Response {
-    let view = |kind| -> Vec<Value> {
-        state.members(kind).values().map(|m| json!({"id": m.id, "addr": m.addr})).collect()
-    };
+    let view =
+        |kind| -> Vec<Value> { state.members(kind).values().map(|m| json!({"id": m.id, "addr": m.addr})).collect() };
     Json(json!({"workers": view(NodeKind::Worker), "shards": view(NodeKind::Shard)})).into_response()
 }

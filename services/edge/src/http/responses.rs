@@ -19,13 +19,23 @@ use crate::relay::{self, RelayItem};
 
 fn body_error(rejection: &BytesRejection, limit: usize) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        api_error(413, "invalid_request_error", "request_too_large", format!("The request body exceeds {limit} bytes."), "")
+        api_error(
+            413,
+            "invalid_request_error",
+            "request_too_large",
+            format!("The request body exceeds {limit} bytes."),
+            "",
+        )
     } else {
         api_error(400, "invalid_request_error", "invalid_body", "The request body could not be read.", "")
     }
 }
 
-pub async fn create(State(state): State<EdgeState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn create(
+    State(state): State<EdgeState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let request_id = request_id();
     let response = create_inner(&state, &headers, body, &request_id).await;
     let outcome = if response.status().is_success() { "ok" } else { "error" };
@@ -33,7 +43,12 @@ pub async fn create(State(state): State<EdgeState>, headers: HeaderMap, body: Re
     with_request_id(response, &request_id)
 }
 
-async fn create_inner(state: &EdgeState, headers: &HeaderMap, body: Result<Bytes, BytesRejection>, request_id: &str) -> Response {
+async fn create_inner(
+    state: &EdgeState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    request_id: &str,
+) -> Response {
     let started = Instant::now();
     let tenant = match state.auth.tenant(headers) {
         Ok(tenant) => tenant,
@@ -41,7 +56,15 @@ async fn create_inner(state: &EdgeState, headers: &HeaderMap, body: Result<Bytes
     };
     let body = match body {
         Ok(body) if body.len() <= state.config.max_message_bytes => body,
-        Ok(_) => return http_error(&api_error(413, "invalid_request_error", "request_too_large", "The request body is too large.", "")),
+        Ok(_) => {
+            return http_error(&api_error(
+                413,
+                "invalid_request_error",
+                "request_too_large",
+                "The request body is too large.",
+                "",
+            ));
+        }
         Err(rejection) => return http_error(&body_error(&rejection, state.config.max_message_bytes)),
     };
     let envelope = match Envelope::parse(&body) {
@@ -79,7 +102,13 @@ async fn create_inner(state: &EdgeState, headers: &HeaderMap, body: Result<Bytes
             if status.is_success() {
                 ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response()
             } else {
-                let error = api_error(status.as_u16(), "server_error", "server_error", "The model backend failed while generating the response.", "");
+                let error = api_error(
+                    status.as_u16(),
+                    "server_error",
+                    "server_error",
+                    "The model backend failed while generating the response.",
+                    "",
+                );
                 http_error(&error)
             }
         }

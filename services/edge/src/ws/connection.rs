@@ -42,7 +42,13 @@ struct Connection {
     expired: bool,
 }
 
-pub async fn run(socket: WebSocket, state: EdgeState, tenant: Arc<str>, key: SessionKey, _permit: OwnedSemaphorePermit) {
+pub async fn run(
+    socket: WebSocket,
+    state: EdgeState,
+    tenant: Arc<str>,
+    key: SessionKey,
+    _permit: OwnedSemaphorePermit,
+) {
     metrics::gauge!(m::WS_CONNECTIONS).increment(1.0);
     metrics::counter!(m::WS_CONNECTIONS_TOTAL).increment(1);
     let (mut sink, mut stream) = socket.split();
@@ -60,8 +66,17 @@ pub async fn run(socket: WebSocket, state: EdgeState, tenant: Arc<str>, key: Ses
     let id = state.connection_id();
     let owner = state.workers.owner(key);
     let _active = owner.as_ref().map(|worker| worker.track());
-    let mut connection =
-        Connection { state: state.clone(), tenant, key, id, out, done, lanes: Lanes::default(), tasks: JoinSet::new(), expired: false };
+    let mut connection = Connection {
+        state: state.clone(),
+        tenant,
+        key,
+        id,
+        out,
+        done,
+        lanes: Lanes::default(),
+        tasks: JoinSet::new(),
+        expired: false,
+    };
     let lifetime = tokio::time::sleep(state.config.ws_max_lifetime);
     tokio::pin!(lifetime);
     let draining = state.draining.clone();
@@ -151,7 +166,8 @@ impl Connection {
                 return self.reject(&error, None).await;
             }
             Some(other) => {
-                let error = invalid("invalid_event_type", format!("Unsupported event type '{}'.", truncate(other)), "type");
+                let error =
+                    invalid("invalid_event_type", format!("Unsupported event type '{}'.", truncate(other)), "type");
                 return self.reject(&error, None).await;
             }
             None => return self.reject(&invalid("invalid_event_type", "Missing event 'type'.", "type"), None).await,
@@ -174,14 +190,7 @@ impl Connection {
 
     fn start_ready(&mut self) {
         while let Some((lane, create)) = self.lanes.next_startable() {
-            let task = run_create(
-                self.state.clone(),
-                self.tenant.clone(),
-                self.key,
-                self.id,
-                create,
-                self.out.clone(),
-            );
+            let task = run_create(self.state.clone(), self.tenant.clone(), self.key, self.id, create, self.out.clone());
             let done = self.done.clone();
             self.tasks.spawn(async move {
                 task.await;
@@ -211,7 +220,14 @@ fn code_label(code: &str) -> &'static str {
     }
 }
 
-async fn run_create(state: EdgeState, tenant: Arc<str>, connection_key: SessionKey, connection: u64, create: Create, out: mpsc::Sender<Message>) {
+async fn run_create(
+    state: EdgeState,
+    tenant: Arc<str>,
+    connection_key: SessionKey,
+    connection: u64,
+    create: Create,
+    out: mpsc::Sender<Message>,
+) {
     let started = Instant::now();
     let stream_id = create.envelope.stream_id.clone();
     let key = create.envelope.previous.as_ref().map_or(connection_key, |previous| previous.session_key());
@@ -255,7 +271,10 @@ async fn run_create(state: EdgeState, tenant: Arc<str>, connection_key: SessionK
                         }
                         match String::from_utf8(json) {
                             Ok(text) => text,
-                            Err(_) => ws_error_event(&api_error(500, "server_error", "server_error", "Invalid event encoding.", ""), stream_id.as_deref()),
+                            Err(_) => ws_error_event(
+                                &api_error(500, "server_error", "server_error", "Invalid event encoding.", ""),
+                                stream_id.as_deref(),
+                            ),
                         }
                     }
                     RelayItem::Error(error) => {

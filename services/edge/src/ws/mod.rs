@@ -24,7 +24,13 @@ pub async fn upgrade(
         Err(error) => return http_error(&error),
     };
     if state.draining.is_cancelled() {
-        return http_error(&api_error(503, "server_error", "server_shutting_down", "This server is shutting down; reconnect.", ""));
+        return http_error(&api_error(
+            503,
+            "server_error",
+            "server_shutting_down",
+            "This server is shutting down; reconnect.",
+            "",
+        ));
     }
     let Ok(permit) = state.connections.clone().try_acquire_owned() else {
         return http_error(&rate_limited("Too many open WebSocket connections on this server."));

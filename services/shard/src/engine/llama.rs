@@ -71,15 +71,8 @@ impl LlamaEngine {
                 Runner::new(&model, ctx, thread_config, thread_busy, on_evict).run(receiver);
             })
             .map_err(|error| ShardError::Engine(format!("spawning the engine thread: {error}")))?;
-        ready_rx
-            .recv()
-            .map_err(|_| ShardError::Engine("the engine thread died while loading".into()))??;
-        Ok(LlamaEngine {
-            models: vec![config.model_name.clone()],
-            config,
-            commands,
-            busy,
-        })
+        ready_rx.recv().map_err(|_| ShardError::Engine("the engine thread died while loading".into()))??;
+        Ok(LlamaEngine { models: vec![config.model_name.clone()], config, commands, busy })
     }
 }
 
@@ -101,10 +94,7 @@ impl Engine for LlamaEngine {
             return Err(ShardError::UnknownModel(job.model.clone()));
         }
         if job.prompt_len > self.config.context_tokens {
-            return Err(ShardError::ContextExceeded {
-                needed: job.prompt_len,
-                capacity: self.config.context_tokens,
-            });
+            return Err(ShardError::ContextExceeded { needed: job.prompt_len, capacity: self.config.context_tokens });
         }
         if let Some(spec) = &job.tools {
             validate_tools(spec)?;
@@ -112,21 +102,11 @@ impl Engine for LlamaEngine {
         Ok(())
     }
 
-    fn run(
-        &self,
-        job: Job,
-        out: mpsc::Sender<Piece>,
-    ) -> BoxFuture<'_, Result<Outcome, ShardError>> {
+    fn run(&self, job: Job, out: mpsc::Sender<Piece>) -> BoxFuture<'_, Result<Outcome, ShardError>> {
         Box::pin(async move {
             let (events, mut receiver) = mpsc::unbounded_channel();
-            let submission = Submission {
-                job,
-                events,
-                queued: Instant::now(),
-            };
-            self.commands
-                .send(Command::Run(Box::new(submission)))
-                .map_err(|_| ShardError::NotServing)?;
+            let submission = Submission { job, events, queued: Instant::now() };
+            self.commands.send(Command::Run(Box::new(submission))).map_err(|_| ShardError::NotServing)?;
             loop {
                 let mut piece = match receiver.recv().await {
                     Some(Event::Piece(piece)) => piece,
@@ -187,12 +167,10 @@ fn validate_tools(spec: &ToolSpec) -> Result<(), ShardError> {
     if spec.tools_json.trim().is_empty() {
         return Ok(());
     }
-    let tools: Vec<Value> = serde_json::from_str(&spec.tools_json)
-        .map_err(|e| ShardError::InvalidTools(e.to_string()))?;
+    let tools: Vec<Value> =
+        serde_json::from_str(&spec.tools_json).map_err(|e| ShardError::InvalidTools(e.to_string()))?;
     if ToolChoice::try_from(spec.choice) == Ok(ToolChoice::Function)
-        && !tools
-            .iter()
-            .any(|tool| tool.get("name").and_then(Value::as_str) == Some(spec.function.as_str()))
+        && !tools.iter().any(|tool| tool.get("name").and_then(Value::as_str) == Some(spec.function.as_str()))
     {
         return Err(ShardError::UnknownFunction(spec.function.clone()));
     }

@@ -74,12 +74,21 @@ pub trait Engine: Send + Sync + 'static {
     }
     /// Loads `state` exported by an engine of the same kind and model, so `session` holds
     /// `tokens`. The default suits an engine without per-session state: nothing to load.
-    fn import_session(&self, _session: u64, _tokens: Vec<u32>, state: Vec<u8>) -> BoxFuture<'_, Result<(), ShardError>> {
+    fn import_session(
+        &self,
+        _session: u64,
+        _tokens: Vec<u32>,
+        state: Vec<u8>,
+    ) -> BoxFuture<'_, Result<(), ShardError>> {
         Box::pin(async move {
             if state.is_empty() {
                 Ok(())
             } else {
-                Err(ShardError::IncompatibleState(format!("{} engine keeps no session state; got {} bytes", self.name(), state.len())))
+                Err(ShardError::IncompatibleState(format!(
+                    "{} engine keeps no session state; got {} bytes",
+                    self.name(),
+                    state.len()
+                )))
             }
         })
     }

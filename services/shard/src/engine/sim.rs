@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tether_common::discovery::BoxFuture;
+use tether_common::tokenizer::CoreBPE;
 use tether_common::tokenizer::{self, TOOL_CALL_CLOSE, TOOL_CALL_OPEN};
 use tether_proto::shard::v1::FinishReason;
-use tether_common::tokenizer::CoreBPE;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
@@ -33,11 +33,10 @@ pub struct SimConfig {
 
 /// Words that are one o200k token each with a leading space: the sim model's vocabulary.
 const WORDS: &[&str] = &[
-    "the", "model", "router", "session", "token", "cache", "worker", "shard", "agent", "tool",
-    "call", "result", "test", "output", "input", "state", "turn", "time", "fast", "small",
-    "large", "first", "next", "last", "new", "old", "data", "file", "code", "build", "run",
-    "check", "pass", "fail", "error", "value", "list", "map", "key", "node", "edge", "ring",
-    "hash", "load", "work", "plan", "step", "done", "good", "clear", "simple", "ready", "open",
+    "the", "model", "router", "session", "token", "cache", "worker", "shard", "agent", "tool", "call", "result",
+    "test", "output", "input", "state", "turn", "time", "fast", "small", "large", "first", "next", "last", "new",
+    "old", "data", "file", "code", "build", "run", "check", "pass", "fail", "error", "value", "list", "map", "key",
+    "node", "edge", "ring", "hash", "load", "work", "plan", "step", "done", "good", "clear", "simple", "ready", "open",
     "close", "read", "write", "send", "keep", "move", "hold", "start", "stop", "and", "with",
 ];
 
@@ -98,10 +97,7 @@ impl SimEngine {
                 self.bpe
                     .encode_ordinary(&text)
                     .into_iter()
-                    .map(|id| Piece {
-                        text: self.bpe.decode(&[id]).unwrap_or_default(),
-                        ids: vec![id],
-                    })
+                    .map(|id| Piece { text: self.bpe.decode(&[id]).unwrap_or_default(), ids: vec![id] })
                     .collect()
             }
             None => {
@@ -110,9 +106,9 @@ impl SimEngine {
                 let (opener_id, opener) = &self.openers[(next(&mut state) % self.openers.len() as u64) as usize];
                 let mut pieces = vec![Piece { ids: vec![*opener_id], text: opener.clone() }];
                 pieces.extend((1..length.saturating_sub(1)).map(|_| {
-                        let (id, text) = &self.vocabulary[(next(&mut state) % self.vocabulary.len() as u64) as usize];
-                        Piece { ids: vec![*id], text: text.clone() }
-                    }));
+                    let (id, text) = &self.vocabulary[(next(&mut state) % self.vocabulary.len() as u64) as usize];
+                    Piece { ids: vec![*id], text: text.clone() }
+                }));
                 pieces.truncate((length - 1) as usize);
                 pieces.push(Piece { ids: vec![self.period], text: ".".into() });
                 pieces
@@ -169,7 +165,13 @@ impl Engine for SimEngine {
             let started = Instant::now();
             tokio::time::sleep(prefill).await;
             if job.prefill_only {
-                return Ok(Outcome { reason: FinishReason::Stop, completion: Vec::new(), queue, prefill, decode: Duration::ZERO });
+                return Ok(Outcome {
+                    reason: FinishReason::Stop,
+                    completion: Vec::new(),
+                    queue,
+                    prefill,
+                    decode: Duration::ZERO,
+                });
             }
 
             let (pieces, reason) = self.plan_output(&job)?;
@@ -180,7 +182,11 @@ impl Engine for SimEngine {
                 let due = first + self.config.decode_interval * index as u32;
                 if due > Instant::now() && !pending.ids.is_empty() {
                     // Flush what is due before waiting for the next token.
-                    if out.send(std::mem::replace(&mut pending, Piece { ids: Vec::new(), text: String::new() })).await.is_err() {
+                    if out
+                        .send(std::mem::replace(&mut pending, Piece { ids: Vec::new(), text: String::new() }))
+                        .await
+                        .is_err()
+                    {
                         return Err(ShardError::NotServing);
                     }
                 }

@@ -45,12 +45,8 @@ fn parse_tools(tools_json: &str) -> Result<Vec<Value>, ShardError> {
     if tools_json.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let tools: Vec<Value> =
-        serde_json::from_str(tools_json).map_err(|e| ShardError::InvalidTools(e.to_string()))?;
-    Ok(tools
-        .into_iter()
-        .filter(|tool| tool.get("type").and_then(Value::as_str) == Some("function"))
-        .collect())
+    let tools: Vec<Value> = serde_json::from_str(tools_json).map_err(|e| ShardError::InvalidTools(e.to_string()))?;
+    Ok(tools.into_iter().filter(|tool| tool.get("type").and_then(Value::as_str) == Some("function")).collect())
 }
 
 /// Builds a value that satisfies `schema` (the JSON Schema subset function tools use).
@@ -59,9 +55,10 @@ pub fn synthesize(schema: &Value, seed: u64, depth: u32) -> Value {
         return Value::Null;
     }
     if let Some(options) = schema.get("enum").and_then(Value::as_array)
-        && !options.is_empty() {
-            return options[(seed % options.len() as u64) as usize].clone();
-        }
+        && !options.is_empty()
+    {
+        return options[(seed % options.len() as u64) as usize].clone();
+    }
     if let Some(constant) = schema.get("const") {
         return constant.clone();
     }
@@ -72,9 +69,7 @@ pub fn synthesize(schema: &Value, seed: u64, depth: u32) -> Value {
     }
     let kind = match schema.get("type") {
         Some(Value::String(kind)) => kind.as_str(),
-        Some(Value::Array(kinds)) => {
-            kinds.iter().filter_map(Value::as_str).find(|k| *k != "null").unwrap_or("null")
-        }
+        Some(Value::Array(kinds)) => kinds.iter().filter_map(Value::as_str).find(|k| *k != "null").unwrap_or("null"),
         _ if schema.get("properties").is_some() => "object",
         _ => "string",
     };
@@ -123,7 +118,12 @@ mod tests {
               "required":["city","days"],"additionalProperties":false}},
             {"type":"function","name":"run_tests","parameters":{"type":"object","properties":{}}}
         ]);
-        ToolSpec { tools_json: tools.to_string(), choice: choice as i32, function: function.into(), tool_outputs_seen: seen }
+        ToolSpec {
+            tools_json: tools.to_string(),
+            choice: choice as i32,
+            function: function.into(),
+            tool_outputs_seen: seen,
+        }
     }
 
     #[test]

@@ -57,7 +57,9 @@ impl Item {
     pub fn heap_bytes(&self) -> usize {
         match self {
             Item::Message { text, .. } => text.len(),
-            Item::FunctionCall { id, call_id, name, arguments } => id.len() + call_id.len() + name.len() + arguments.len(),
+            Item::FunctionCall { id, call_id, name, arguments } => {
+                id.len() + call_id.len() + name.len() + arguments.len()
+            }
             Item::FunctionCallOutput { call_id, output } => call_id.len() + output.len(),
         }
     }
@@ -84,22 +86,33 @@ fn parse_item(index: usize, item: &Value) -> Result<Item, WorkerError> {
     let string = |field: &str| -> Result<String, WorkerError> {
         match object.get(field) {
             Some(Value::String(value)) => Ok(value.clone()),
-            _ => Err(WorkerError::invalid(format!("{}.{field}", param()), format!("Missing required string '{field}'."))),
+            _ => {
+                Err(WorkerError::invalid(format!("{}.{field}", param()), format!("Missing required string '{field}'.")))
+            }
         }
     };
     match kind {
         "message" => {
-            let role = object
-                .get("role")
-                .and_then(Value::as_str)
-                .and_then(Role::parse)
-                .ok_or_else(|| WorkerError::invalid(format!("{}.role", param()), "'role' must be one of user, assistant, system, developer."))?;
-            let text = content_text(object.get("content"))
-                .ok_or_else(|| WorkerError::invalid(format!("{}.content", param()), "'content' must be a string or a list of content parts."))?;
+            let role = object.get("role").and_then(Value::as_str).and_then(Role::parse).ok_or_else(|| {
+                WorkerError::invalid(
+                    format!("{}.role", param()),
+                    "'role' must be one of user, assistant, system, developer.",
+                )
+            })?;
+            let text = content_text(object.get("content")).ok_or_else(|| {
+                WorkerError::invalid(
+                    format!("{}.content", param()),
+                    "'content' must be a string or a list of content parts.",
+                )
+            })?;
             Ok(Item::Message { role, text })
         }
         "function_call" => Ok(Item::FunctionCall {
-            id: object.get("id").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| tether_common::ids::item_id("fc")),
+            id: object
+                .get("id")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| tether_common::ids::item_id("fc")),
             call_id: string("call_id")?,
             name: string("name")?,
             arguments: string("arguments")?,
@@ -108,7 +121,10 @@ fn parse_item(index: usize, item: &Value) -> Result<Item, WorkerError> {
             let output = match object.get("output") {
                 Some(Value::String(output)) => output.clone(),
                 Some(parts @ Value::Array(_)) => content_text(Some(parts)).ok_or_else(|| {
-                    WorkerError::invalid(format!("{}.output", param()), "'output' must be a string or a list of content parts.")
+                    WorkerError::invalid(
+                        format!("{}.output", param()),
+                        "'output' must be a string or a list of content parts.",
+                    )
                 })?,
                 _ => return Err(WorkerError::invalid(format!("{}.output", param()), "Missing required 'output'.")),
             };

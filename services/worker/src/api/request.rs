@@ -42,8 +42,9 @@ const ECHOED: &[&str] = &["text", "reasoning", "truncation", "user", "safety_ide
 impl CreateRequest {
     /// Parses a create body (HTTP body or the fields of a `response.create` event).
     pub fn parse(body: &[u8], default_model: &str) -> Result<Self, WorkerError> {
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| WorkerError::invalid_with_code("", format!("The request body is not valid JSON: {e}"), "invalid_json"))?;
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            WorkerError::invalid_with_code("", format!("The request body is not valid JSON: {e}"), "invalid_json")
+        })?;
         let Value::Object(mut body) = value else {
             return Err(WorkerError::invalid("", "The request body must be a JSON object."));
         };
@@ -66,13 +67,9 @@ impl CreateRequest {
         let parallel_tool_calls = optional_bool(&body, "parallel_tool_calls")?.unwrap_or(true);
         let max_output_tokens = match body.get("max_output_tokens") {
             None | Some(Value::Null) => None,
-            Some(value) => Some(
-                value
-                    .as_u64()
-                    .filter(|n| (1..=1_000_000).contains(n))
-                    .ok_or_else(|| WorkerError::invalid("max_output_tokens", "'max_output_tokens' must be a positive integer."))?
-                    as u32,
-            ),
+            Some(value) => Some(value.as_u64().filter(|n| (1..=1_000_000).contains(n)).ok_or_else(|| {
+                WorkerError::invalid("max_output_tokens", "'max_output_tokens' must be a positive integer.")
+            })? as u32),
         };
         let temperature = optional_number(&body, "temperature", 0.0, 2.0)?;
         let top_p = optional_number(&body, "top_p", 0.0, 1.0)?;
@@ -82,7 +79,10 @@ impl CreateRequest {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(map)) if map.len() <= 16 && map.values().all(Value::is_string) => map,
             Some(_) => {
-                return Err(WorkerError::invalid("metadata", "'metadata' must be an object of at most 16 string values."));
+                return Err(WorkerError::invalid(
+                    "metadata",
+                    "'metadata' must be an object of at most 16 string values.",
+                ));
             }
         };
         let prompt_cache_key = optional_string(&body, "prompt_cache_key")?;
@@ -127,11 +127,11 @@ fn optional_bool(body: &Map<String, Value>, field: &str) -> Result<Option<bool>,
 fn optional_number(body: &Map<String, Value>, field: &str, min: f64, max: f64) -> Result<Option<f64>, WorkerError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(value) => value
-            .as_f64()
-            .filter(|v| (min..=max).contains(v))
-            .map(Some)
-            .ok_or_else(|| WorkerError::invalid(field, format!("'{field}' must be a number between {min} and {max}."))),
+        Some(value) => {
+            value.as_f64().filter(|v| (min..=max).contains(v)).map(Some).ok_or_else(|| {
+                WorkerError::invalid(field, format!("'{field}' must be a number between {min} and {max}."))
+            })
+        }
     }
 }
 
@@ -146,11 +146,15 @@ fn parse_tools(tools: Option<&Value>) -> Result<Vec<Value>, WorkerError> {
         .enumerate()
         .map(|(i, tool)| {
             let param = format!("tools[{i}]");
-            let object = tool.as_object().ok_or_else(|| WorkerError::invalid(&param, "Each tool must be an object."))?;
+            let object =
+                tool.as_object().ok_or_else(|| WorkerError::invalid(&param, "Each tool must be an object."))?;
             match object.get("type").and_then(Value::as_str) {
                 Some("function") => {}
                 Some(other) => {
-                    return Err(WorkerError::invalid(format!("{param}.type"), format!("Tool type '{other}' is not supported by this server.")));
+                    return Err(WorkerError::invalid(
+                        format!("{param}.type"),
+                        format!("Tool type '{other}' is not supported by this server."),
+                    ));
                 }
                 None => return Err(WorkerError::invalid(format!("{param}.type"), "Each tool needs a 'type'.")),
             }
@@ -166,7 +170,12 @@ fn parse_tools(tools: Option<&Value>) -> Result<Vec<Value>, WorkerError> {
             let parameters = match object.get("parameters") {
                 None | Some(Value::Null) => Value::Null,
                 Some(schema @ Value::Object(_)) => schema.clone(),
-                Some(_) => return Err(WorkerError::invalid(format!("{param}.parameters"), "'parameters' must be a JSON Schema object.")),
+                Some(_) => {
+                    return Err(WorkerError::invalid(
+                        format!("{param}.parameters"),
+                        "'parameters' must be a JSON Schema object.",
+                    ));
+                }
             };
             Ok(serde_json::json!({
                 "type": "function",
@@ -186,16 +195,26 @@ fn parse_tool_choice(choice: Option<&Value>, tools: &[Value]) -> Result<(ToolCho
             "auto" => ToolChoice::Auto,
             "none" => ToolChoice::None,
             "required" => ToolChoice::Required,
-            _ => return Err(WorkerError::invalid("tool_choice", "'tool_choice' must be 'auto', 'none', 'required' or a function.")),
+            _ => {
+                return Err(WorkerError::invalid(
+                    "tool_choice",
+                    "'tool_choice' must be 'auto', 'none', 'required' or a function.",
+                ));
+            }
         },
         Some(Value::Object(object)) if object.get("type").and_then(Value::as_str) == Some("function") => {
             let name = object.get("name").and_then(Value::as_str).unwrap_or_default();
             if !tools.iter().any(|tool| tool["name"] == name) {
-                return Err(WorkerError::invalid("tool_choice", format!("Tool choice '{name}' not found in 'tools' parameter.")));
+                return Err(WorkerError::invalid(
+                    "tool_choice",
+                    format!("Tool choice '{name}' not found in 'tools' parameter."),
+                ));
             }
             ToolChoice::Function(name.to_owned())
         }
-        Some(_) => return Err(WorkerError::invalid("tool_choice", "This 'tool_choice' is not supported by this server.")),
+        Some(_) => {
+            return Err(WorkerError::invalid("tool_choice", "This 'tool_choice' is not supported by this server."));
+        }
     };
     if parsed == ToolChoice::Required && tools.is_empty() {
         return Err(WorkerError::invalid("tool_choice", "'tool_choice' is 'required' but no tools were given."));
@@ -215,7 +234,10 @@ mod tests {
 
     #[test]
     fn defaults_and_echoes() {
-        let request = parse(json!({"type":"response.create","input":"hi","stream":true,"unknown":1,"text":{"format":{"type":"text"}}})).unwrap();
+        let request = parse(
+            json!({"type":"response.create","input":"hi","stream":true,"unknown":1,"text":{"format":{"type":"text"}}}),
+        )
+        .unwrap();
         assert_eq!(request.model, "tether-sim");
         assert!(request.store && request.generate && request.parallel_tool_calls);
         assert_eq!(request.tool_choice, ToolChoice::Auto);

@@ -20,7 +20,11 @@ use crate::pipeline::output::OutputBuilder;
 
 /// How the generation ended.
 pub enum Generation {
-    Finished { finished: Finished, completion: Vec<u32>, shard: String },
+    Finished {
+        finished: Finished,
+        completion: Vec<u32>,
+        shard: String,
+    },
     /// The client went away.
     Closed,
 }

@@ -87,12 +87,15 @@ async fn prepare_turn(ctx: &Arc<WorkerContext>, turn: &TurnRequest) -> Result<Pr
     };
     if let Some(previous) = &request.previous_response_id
         && ctx.cache.get(&turn.tenant, previous).is_none()
-            && let Some(id) = tether_common::ResponseId::parse(previous) {
-                replication::pull(ctx, &turn.tenant, previous, id.session_key().0).await;
-            }
+        && let Some(id) = tether_common::ResponseId::parse(previous)
+    {
+        replication::pull(ctx, &turn.tenant, previous, id.session_key().0).await;
+    }
     if large {
         let (ctx, turn) = (ctx.clone(), turn.clone());
-        tokio::task::spawn_blocking(move || prepare::prepare(&ctx, &turn, request)).await.expect("prepare does not panic")
+        tokio::task::spawn_blocking(move || prepare::prepare(&ctx, &turn, request))
+            .await
+            .expect("prepare does not panic")
     } else {
         prepare::prepare(ctx, turn, request)
     }
@@ -138,7 +141,8 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
     }
     let shard_usage = finished.usage.unwrap_or_default();
     let timings = finished.timings.unwrap_or_default();
-    let prompt_tokens = if shard_usage.prompt_tokens > 0 { shard_usage.prompt_tokens } else { prepared_prompt_len(&prepared) };
+    let prompt_tokens =
+        if shard_usage.prompt_tokens > 0 { shard_usage.prompt_tokens } else { prepared_prompt_len(&prepared) };
     let response = template.snapshot(status, |object| {
         object.insert("completed_at".into(), json!(now_unix()));
         object.insert("output".into(), Value::Array(builder.output.clone()));
@@ -168,7 +172,11 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
             ReplicationMode::Off => {}
         }
     }
-    if emitter.terminal(if incomplete { "response.incomplete" } else { "response.completed" }, response, 200).await.is_err() {
+    if emitter
+        .terminal(if incomplete { "response.incomplete" } else { "response.completed" }, response, 200)
+        .await
+        .is_err()
+    {
         return Outcome::Closed;
     }
     if incomplete { Outcome::Incomplete } else { Outcome::Completed }
@@ -179,7 +187,12 @@ fn prepared_prompt_len(prepared: &Prepared) -> u32 {
 }
 
 /// Ends a started response with `response.failed` (or a 500 for non-streaming HTTP).
-async fn fail(emitter: &mut Emitter, template: &ResponseTemplate, builder: &mut OutputBuilder, error: &WorkerError) -> Outcome {
+async fn fail(
+    emitter: &mut Emitter,
+    template: &ResponseTemplate,
+    builder: &mut OutputBuilder,
+    error: &WorkerError,
+) -> Outcome {
     tracing::warn!(%error, class = error.class().as_label(), "turn failed");
     if builder.finish(emitter, "incomplete").await.is_err() {
         return Outcome::Closed;
@@ -225,7 +238,8 @@ fn commit(
     let mut new_items = request.input.clone();
     new_items.extend(builder.items);
     let own_items = new_items.len() as u32;
-    let response_json: Arc<[u8]> = if request.store { serde_json::to_vec(response).expect("serializes").into() } else { Arc::from(&[][..]) };
+    let response_json: Arc<[u8]> =
+        if request.store { serde_json::to_vec(response).expect("serializes").into() } else { Arc::from(&[][..]) };
     let state = ResponseState {
         id: id.as_str().to_owned(),
         parent: prepared.parent.as_ref().map(|parent| parent.id.clone()),

@@ -93,15 +93,22 @@ impl OutputBuilder {
                 }))
                 .await?;
             emitter
-                .emit("response.content_part.added", json!({
-                    "item_id": message.id, "output_index": message.output_index, "content_index": 0,
-                    "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []},
-                }))
+                .emit(
+                    "response.content_part.added",
+                    json!({
+                        "item_id": message.id, "output_index": message.output_index, "content_index": 0,
+                        "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+                    }),
+                )
                 .await?;
             self.message = Some(message);
         }
         let message = self.message.as_mut().expect("opened above");
-        let delta = if self.leading_space.is_empty() { text.to_owned() } else { std::mem::take(&mut self.leading_space) + text };
+        let delta = if self.leading_space.is_empty() {
+            text.to_owned()
+        } else {
+            std::mem::take(&mut self.leading_space) + text
+        };
         message.text.push_str(&delta);
         let (id, index) = (message.id.clone(), message.output_index);
         emitter.text_delta(&id, index, &delta).await
@@ -118,7 +125,8 @@ impl OutputBuilder {
         };
         emitter.emit("response.output_text.done", common(json!({"text": message.text, "logprobs": []}))).await?;
         emitter.emit("response.content_part.done", common(json!({"part": part}))).await?;
-        let item = json!({"type": "message", "id": message.id, "status": status, "role": "assistant", "content": [part]});
+        let item =
+            json!({"type": "message", "id": message.id, "status": status, "role": "assistant", "content": [part]});
         emitter.emit("response.output_item.done", json!({"output_index": message.output_index, "item": item})).await?;
         self.output.push(item);
         self.items.push(Item::Message { role: Role::Assistant, text: message.text });
@@ -127,15 +135,21 @@ impl OutputBuilder {
 
     async fn function_call(&mut self, emitter: &mut Emitter, name: String, arguments: String) -> Result<(), Closed> {
         let (id, call_id, output_index) = (item_id("fc"), item_id("call"), self.next_index());
-        let item = |status: &str, arguments: &str| {
-            json!({"type": "function_call", "id": id, "call_id": call_id, "name": name, "arguments": arguments, "status": status})
-        };
-        emitter.emit("response.output_item.added", json!({"output_index": output_index, "item": item("in_progress", "")})).await?;
+        let item = |status: &str, arguments: &str| json!({"type": "function_call", "id": id, "call_id": call_id, "name": name, "arguments": arguments, "status": status});
         emitter
-            .emit("response.function_call_arguments.delta", json!({"item_id": id, "output_index": output_index, "delta": arguments}))
+            .emit("response.output_item.added", json!({"output_index": output_index, "item": item("in_progress", "")}))
             .await?;
         emitter
-            .emit("response.function_call_arguments.done", json!({"item_id": id, "output_index": output_index, "arguments": arguments}))
+            .emit(
+                "response.function_call_arguments.delta",
+                json!({"item_id": id, "output_index": output_index, "delta": arguments}),
+            )
+            .await?;
+        emitter
+            .emit(
+                "response.function_call_arguments.done",
+                json!({"item_id": id, "output_index": output_index, "arguments": arguments}),
+            )
             .await?;
         let done = item("completed", &arguments);
         emitter.emit("response.output_item.done", json!({"output_index": output_index, "item": done})).await?;
@@ -194,10 +208,13 @@ mod tests {
 
     #[tokio::test]
     async fn text_then_a_call_split_across_pieces() {
-        let (builder, types) = run(&["Let me", " check. <tool", "_call>{\"name\":\"run\",", "\"arguments\":{\"a\":1}}</tool_call>"]).await;
+        let (builder, types) =
+            run(&["Let me", " check. <tool", "_call>{\"name\":\"run\",", "\"arguments\":{\"a\":1}}</tool_call>"]).await;
         assert_eq!(builder.items.len(), 2);
         assert!(matches!(&builder.items[0], Item::Message { text, .. } if text == "Let me check. "));
-        assert!(matches!(&builder.items[1], Item::FunctionCall { name, arguments, .. } if name == "run" && arguments == "{\"a\":1}"));
+        assert!(
+            matches!(&builder.items[1], Item::FunctionCall { name, arguments, .. } if name == "run" && arguments == "{\"a\":1}")
+        );
         assert_eq!(builder.output[1]["status"], "completed");
         assert_eq!(types.first().unwrap(), "response.output_item.added");
         assert!(types.contains(&"response.function_call_arguments.done".to_owned()));
@@ -206,7 +223,9 @@ mod tests {
     #[tokio::test]
     async fn a_malformed_call_stays_text() {
         let (builder, _) = run(&["<tool_call>not json</tool_call>"]).await;
-        assert!(matches!(&builder.items[..], [Item::Message { text, .. }] if text == "<tool_call>not json</tool_call>"));
+        assert!(
+            matches!(&builder.items[..], [Item::Message { text, .. }] if text == "<tool_call>not json</tool_call>")
+        );
         let (builder, _) = run(&["<tool_call>{\"name\":\"x\""]).await;
         assert!(matches!(&builder.items[..], [Item::Message { .. }]), "an unterminated call is text");
     }

@@ -91,7 +91,8 @@ pub fn prepare(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) 
         }
     }
     metrics::counter!(m::SAFETY_CHECKED_BYTES).increment(checked_bytes);
-    let verdict = Verdict { classifier: ctx.classifier.name().into(), items: request.input.len() as u32, bytes: checked_bytes };
+    let verdict =
+        Verdict { classifier: ctx.classifier.name().into(), items: request.input.len() as u32, bytes: checked_bytes };
 
     // 4. Render only the new items, unless the header changed.
     let renderer = ctx.renderer.for_model(&request.model);
@@ -115,7 +116,8 @@ pub fn prepare(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) 
     metrics::counter!(m::RENDERED_TOKENS, "path" => if full { "full" } else { "incremental" })
         .increment(new_tokens.len() as u64);
 
-    let new_outputs = request.input.iter().filter(|item| matches!(item, Item::FunctionCallOutput { .. })).count() as u32;
+    let new_outputs =
+        request.input.iter().filter(|item| matches!(item, Item::FunctionCallOutput { .. })).count() as u32;
     let tool_outputs_seen = match (&parent, full) {
         (Some(parent), _) => parent.tool_outputs_seen + new_outputs,
         (None, _) => new_outputs,

@@ -15,7 +15,9 @@ use crate::api::items::{Item, Role};
 impl From<&Item> for pb::Item {
     fn from(item: &Item) -> Self {
         let kind = match item {
-            Item::Message { role, text } => pb::item::Kind::Message(pb::Message { role: role.as_str().into(), text: text.clone() }),
+            Item::Message { role, text } => {
+                pb::item::Kind::Message(pb::Message { role: role.as_str().into(), text: text.clone() })
+            }
             Item::FunctionCall { id, call_id, name, arguments } => pb::item::Kind::FunctionCall(pb::FunctionCall {
                 id: id.clone(),
                 call_id: call_id.clone(),
@@ -23,7 +25,10 @@ impl From<&Item> for pb::Item {
                 arguments: arguments.clone(),
             }),
             Item::FunctionCallOutput { call_id, output } => {
-                pb::item::Kind::FunctionCallOutput(pb::FunctionCallOutput { call_id: call_id.clone(), output: output.clone() })
+                pb::item::Kind::FunctionCallOutput(pb::FunctionCallOutput {
+                    call_id: call_id.clone(),
+                    output: output.clone(),
+                })
             }
         };
         pb::Item { kind: Some(kind) }
@@ -42,7 +47,9 @@ impl TryFrom<pb::Item> for Item {
             pb::item::Kind::FunctionCall(call) => {
                 Item::FunctionCall { id: call.id, call_id: call.call_id, name: call.name, arguments: call.arguments }
             }
-            pb::item::Kind::FunctionCallOutput(output) => Item::FunctionCallOutput { call_id: output.call_id, output: output.output },
+            pb::item::Kind::FunctionCallOutput(output) => {
+                Item::FunctionCallOutput { call_id: output.call_id, output: output.output }
+            }
         })
     }
 }
@@ -60,7 +67,8 @@ pub enum ConvertError {
 pub fn to_proto(state: &ResponseState, delta: bool) -> pb::SessionState {
     let delta = delta && state.parent.is_some();
     let (items, tokens, verdicts) = if delta {
-        let tokens = if state.tokens_rebuilt { state.tokens.to_vec() } else { state.tokens.tail(state.own_tokens as usize) };
+        let tokens =
+            if state.tokens_rebuilt { state.tokens.to_vec() } else { state.tokens.tail(state.own_tokens as usize) };
         (state.items.tail(state.own_items as usize), tokens, state.verdicts.tail(1))
     } else {
         (state.items.to_vec(), state.tokens.to_vec(), state.verdicts.to_vec())
@@ -111,7 +119,12 @@ pub fn from_proto(state: pb::SessionState, parent: Option<&ResponseState>) -> Re
         (parent.items.with(items), tokens, parent.verdicts.with(verdicts), hash)
     } else {
         let hash = PrefixHash::of(&state.tokens);
-        (Segments::default().with(items), Segments::default().with(state.tokens), Segments::default().with(verdicts), hash)
+        (
+            Segments::default().with(items),
+            Segments::default().with(state.tokens),
+            Segments::default().with(verdicts),
+            hash,
+        )
     };
     if hash.value() != state.prefix_hash {
         return Err(ConvertError::Malformed("token hash mismatch"));

@@ -113,7 +113,11 @@ impl ResponseState {
     pub fn own_bytes(&self) -> usize {
         let items: usize = self.items.last().map_or(0, |items| items.iter().map(|i| i.heap_bytes() + 64).sum());
         let tokens = self.own_tokens as usize * 4;
-        256 + self.id.len() + items + tokens + self.response_json.len() + (self.items.parts.len() + self.tokens.parts.len()) * 16
+        256 + self.id.len()
+            + items
+            + tokens
+            + self.response_json.len()
+            + (self.items.parts.len() + self.tokens.parts.len()) * 16
     }
 }
 

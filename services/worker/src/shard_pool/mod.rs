@@ -42,8 +42,12 @@ impl ShardPool {
     /// Starts following shard membership until `stop`.
     pub fn start(discovery: &dyn Discovery, connector: ShardConnector, stop: CancellationToken) -> Self {
         let connect = Arc::new(move |member: &Member| Some(connector(&member.id, &member.addr)));
-        let probe = Arc::new(|shard: Arc<dyn ShardApi>| -> BoxFuture<'static, bool> { Box::pin(async move { shard.probe().await }) });
-        ShardPool { nodes: NodeSet::start(discovery, NodeKind::Shard, connect, probe, Duration::from_millis(250), stop) }
+        let probe = Arc::new(|shard: Arc<dyn ShardApi>| -> BoxFuture<'static, bool> {
+            Box::pin(async move { shard.probe().await })
+        });
+        ShardPool {
+            nodes: NodeSet::start(discovery, NodeKind::Shard, connect, probe, Duration::from_millis(250), stop),
+        }
     }
 
     /// Returns the shards to try for `session`, in order: its owner, then its successor.

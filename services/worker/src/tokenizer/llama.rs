@@ -16,22 +16,16 @@ pub struct LlamaTokenizer {
 
 impl LlamaTokenizer {
     pub fn load(path: &Path) -> Result<LlamaTokenizer, WorkerError> {
-        let vocabulary = ChatVocabulary::load(path)
-            .map_err(|error| WorkerError::Io(std::io::Error::other(error.to_string())))?;
+        let vocabulary =
+            ChatVocabulary::load(path).map_err(|error| WorkerError::Io(std::io::Error::other(error.to_string())))?;
         // Identify the vocabulary by what it does, not by its path.
         let mut hash = Fnv64::new();
-        for probe in [
-            "<|im_start|>user\n",
-            "tether vocabulary probe: ünïcødé 12345",
-        ] {
+        for probe in ["<|im_start|>user\n", "tether vocabulary probe: ünïcødé 12345"] {
             for id in vocabulary.encode(probe, true) {
                 hash.write(&id.to_le_bytes());
             }
         }
-        Ok(LlamaTokenizer {
-            key: hash.finish() | 1,
-            vocabulary,
-        })
+        Ok(LlamaTokenizer { key: hash.finish() | 1, vocabulary })
     }
 }
 

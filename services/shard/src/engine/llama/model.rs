@@ -57,12 +57,10 @@ impl ChatFormat {
     /// Reads the format from the model's own chat template (`tokenizer.chat_template`).
     /// Only ChatML templates are supported.
     pub fn of(model: &LlamaModel) -> Result<ChatFormat, ShardError> {
-        let template = model.chat_template(None).map_err(|error| {
-            ShardError::Engine(format!("the model has no usable chat template: {error}"))
-        })?;
-        let template = template
-            .to_string()
-            .map_err(|error| ShardError::Engine(format!("chat template: {error}")))?;
+        let template = model
+            .chat_template(None)
+            .map_err(|error| ShardError::Engine(format!("the model has no usable chat template: {error}")))?;
+        let template = template.to_string().map_err(|error| ShardError::Engine(format!("chat template: {error}")))?;
         ChatFormat::parse(&template)
     }
 
@@ -70,20 +68,15 @@ impl ChatFormat {
     /// default system prompt.
     pub fn parse(template: &str) -> Result<ChatFormat, ShardError> {
         if !template.contains("<|im_start|>") || !template.contains("<|im_end|>") {
-            return Err(ShardError::Engine(
-                "the model's chat template is not ChatML (unsupported)".into(),
-            ));
+            return Err(ShardError::Engine("the model's chat template is not ChatML (unsupported)".into()));
         }
         const OPEN: &str = "<|im_start|>system\n";
         let default_system = template.find(OPEN).and_then(|start| {
             let rest = &template[start + OPEN.len()..];
             let text = &rest[..rest.find("<|im_end|>")?];
             // A literal, not a template expression that inserts the conversation's own message.
-            (!text.contains("{{")
-                && !text.contains("{%")
-                && !text.contains('\'')
-                && !text.trim().is_empty())
-            .then(|| text.to_owned())
+            (!text.contains("{{") && !text.contains("{%") && !text.contains('\'') && !text.trim().is_empty())
+                .then(|| text.to_owned())
         });
         Ok(ChatFormat { default_system })
     }
@@ -128,19 +121,12 @@ pub fn tokenize(model: &LlamaModel, text: &str, parse_special: bool) -> Vec<u32>
     if text.is_empty() {
         return Vec::new();
     }
-    model
-        .vocab()
-        .tokenize(text.as_bytes(), false, parse_special)
-        .into_iter()
-        .map(|token| token.0 as u32)
-        .collect()
+    model.vocab().tokenize(text.as_bytes(), false, parse_special).into_iter().map(|token| token.0 as u32).collect()
 }
 
 /// Appends the bytes of token `id` (special tokens as their text).
 pub fn piece_bytes(model: &LlamaModel, id: u32, out: &mut Vec<u8>) {
-    model
-        .vocab()
-        .token_to_piece_into(LlamaToken(id as i32), out, true, None::<NonZeroU16>);
+    model.vocab().token_to_piece_into(LlamaToken(id as i32), out, true, None::<NonZeroU16>);
 }
 
 /// Turns a stream of token bytes into UTF-8 text: a character split across tokens is held
@@ -184,11 +170,9 @@ mod tests {
             format.default_system.as_deref(),
             Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
         );
-        let plain = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}";
-        assert_eq!(
-            ChatFormat::parse(plain).expect("chatml").default_system,
-            None
-        );
+        let plain =
+            "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}";
+        assert_eq!(ChatFormat::parse(plain).expect("chatml").default_system, None);
         assert!(ChatFormat::parse("[INST] {{ m }} [/INST]").is_err());
     }
 

@@ -114,10 +114,7 @@ pub struct Runner<'m> {
 /// Creates the context: one unified KV cache of `context_tokens` cells shared by up to
 /// `sequences` sequences (see dependencies.md §4: a unified cache lets any session grow to the
 /// whole context and keeps `state_seq` blobs portable between shards).
-pub fn context<'m>(
-    model: &'m LlamaModel,
-    config: &LlamaConfig,
-) -> Result<LlamaContext<'m>, ShardError> {
+pub fn context<'m>(model: &'m LlamaModel, config: &LlamaConfig) -> Result<LlamaContext<'m>, ShardError> {
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(config.context_tokens))
         .with_n_batch(config.batch_tokens)
@@ -165,9 +162,7 @@ impl<'m> Runner<'m> {
                 match commands.try_recv() {
                     Ok(command) => self.command(command),
                     Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected)
-                        if self.active.is_empty() && self.waiting.is_empty() =>
-                    {
+                    Err(TryRecvError::Disconnected) if self.active.is_empty() && self.waiting.is_empty() => {
                         return;
                     }
                     Err(TryRecvError::Disconnected) => break,
@@ -179,9 +174,9 @@ impl<'m> Runner<'m> {
                 // still waiting here would wait forever.
                 debug_assert!(self.waiting.is_empty(), "a job waits on an idle engine");
                 for submission in self.waiting.drain(..) {
-                    let _ = submission.events.send(Event::Done(Err(ShardError::Engine(
-                        "job could not be scheduled".into(),
-                    ))));
+                    let _ = submission
+                        .events
+                        .send(Event::Done(Err(ShardError::Engine("job could not be scheduled".into()))));
                 }
             } else {
                 self.step();
@@ -282,10 +277,7 @@ impl<'m> Runner<'m> {
 
     /// Starts `submission` on its session's sequence; gives it back if it must wait.
     #[allow(clippy::result_large_err)]
-    fn admit(
-        &mut self,
-        submission: Submission,
-    ) -> Result<Option<Submission>, (Submission, ShardError)> {
+    fn admit(&mut self, submission: Submission) -> Result<Option<Submission>, (Submission, ShardError)> {
         let job = &submission.job;
         let session = job.session;
         if self.table.get(session).is_some_and(|slot| slot.active) {
@@ -293,10 +285,7 @@ impl<'m> Runner<'m> {
         }
         let need_logits = !job.prefill_only;
         let resume = match (job.cached, self.table.get(session)) {
-            (0, _) => Resume {
-                keep: 0,
-                decode: job.new_tokens.clone(),
-            },
+            (0, _) => Resume { keep: 0, decode: job.new_tokens.clone() },
             (cached, Some(slot)) => match slot.resume(cached, &job.new_tokens, need_logits) {
                 Some(resume) => resume,
                 None => {
@@ -310,13 +299,7 @@ impl<'m> Runner<'m> {
         let prompt_len = resume.keep + resume.decode.len();
         if prompt_len > capacity || (need_logits && prompt_len == 0) {
             let needed = prompt_len.max(1) as u32;
-            return Err((
-                submission,
-                ShardError::ContextExceeded {
-                    needed,
-                    capacity: capacity as u32,
-                },
-            ));
+            return Err((submission, ShardError::ContextExceeded { needed, capacity: capacity as u32 }));
         }
         let max_new = if job.prefill_only {
             0
@@ -334,9 +317,7 @@ impl<'m> Runner<'m> {
         loop {
             let has_sequence = self.table.get(session).is_some() || self.table.has_free();
             let reserved: usize = self.active.iter().map(Active::reserved).sum();
-            let used = self.table.held_tokens()
-                - (held_by_session - resume.keep.min(held_by_session))
-                + reserved;
+            let used = self.table.held_tokens() - (held_by_session - resume.keep.min(held_by_session)) + reserved;
             if has_sequence && used + needed <= capacity {
                 break;
             }
@@ -348,17 +329,11 @@ impl<'m> Runner<'m> {
 
         let slot = match self.table.get_mut(session) {
             Some(slot) => slot,
-            None => self
-                .table
-                .allocate(session)
-                .expect("a free sequence was ensured"),
+            None => self.table.allocate(session).expect("a free sequence was ensured"),
         };
         let seq = slot.seq;
         if resume.keep < slot.tokens.len() {
-            if let Err(error) = self
-                .ctx
-                .kv_cache_seq_rm(seq, Some(resume.keep as u32), None)
-            {
+            if let Err(error) = self.ctx.kv_cache_seq_rm(seq, Some(resume.keep as u32), None) {
                 // llama.cpp refused a partial removal: start the sequence over.
                 tracing::warn!(%error, "partial kv removal failed; clearing the sequence");
                 self.free(session);
@@ -417,10 +392,7 @@ impl<'m> Runner<'m> {
     fn step(&mut self) {
         // Jobs with prompt left to decode that have nothing to do (prefill-only with an empty
         // prompt) finish at once.
-        self.finish_where(
-            |job| job.prefill_only && job.offset == job.prompt.len(),
-            Ok(FinishReason::Stop),
-        );
+        self.finish_where(|job| job.prefill_only && job.offset == job.prompt.len(), Ok(FinishReason::Stop));
 
         let n_batch = self.config.batch_tokens as usize;
         let decoding = self.active.iter().filter(|job| job.next.is_some()).count();
@@ -433,10 +405,7 @@ impl<'m> Runner<'m> {
         let mut plan: Vec<(usize, Vec<u32>, Option<i32>)> = Vec::new();
         self.batch.clear();
         for (index, job) in self.active.iter().enumerate() {
-            let position = self
-                .table
-                .get(job.session)
-                .map_or(0, |slot| slot.tokens.len()) as i32;
+            let position = self.table.get(job.session).map_or(0, |slot| slot.tokens.len()) as i32;
             let added = if let Some(token) = job.next {
                 vec![token]
             } else if job.offset < job.prompt.len() && prefill_budget > 0 {
@@ -454,12 +423,7 @@ impl<'m> Runner<'m> {
                     row = Some(self.batch.n_tokens());
                 }
                 self.batch
-                    .add(
-                        LlamaToken(token as i32),
-                        position + i as i32,
-                        &[job.seq],
-                        logits,
-                    )
+                    .add(LlamaToken(token as i32), position + i as i32, &[job.seq], logits)
                     .expect("the batch holds n_batch tokens");
             }
             plan.push((index, added, row));
@@ -475,9 +439,7 @@ impl<'m> Runner<'m> {
                 let job = self.active.swap_remove(index);
                 // The sequence's cells are in an unknown state: start it over next time.
                 self.free(job.session);
-                let _ = job.events.send(Event::Done(Err(ShardError::Engine(format!(
-                    "decode failed: {error}"
-                )))));
+                let _ = job.events.send(Event::Done(Err(ShardError::Engine(format!("decode failed: {error}")))));
             }
             return;
         }
@@ -513,14 +475,7 @@ impl<'m> Runner<'m> {
             let mut bytes = Vec::new();
             model::piece_bytes(self.model, id, &mut bytes);
             let text = job.text.push(&bytes);
-            if job
-                .events
-                .send(Event::Piece(Piece {
-                    ids: vec![id],
-                    text,
-                }))
-                .is_err()
-            {
+            if job.events.send(Event::Piece(Piece { ids: vec![id], text })).is_err() {
                 // The caller went away: stop generating for it.
                 finished.push((index, Err(ShardError::NotServing)));
                 continue;
@@ -550,14 +505,8 @@ impl<'m> Runner<'m> {
         }
     }
 
-    fn finish_where(
-        &mut self,
-        done: impl Fn(&Active) -> bool,
-        result: Result<FinishReason, ShardError>,
-    ) {
-        let indices: Vec<usize> = (0..self.active.len())
-            .filter(|&i| done(&self.active[i]))
-            .collect();
+    fn finish_where(&mut self, done: impl Fn(&Active) -> bool, result: Result<FinishReason, ShardError>) {
+        let indices: Vec<usize> = (0..self.active.len()).filter(|&i| done(&self.active[i])).collect();
         for &index in indices.iter().rev() {
             let result = match &result {
                 Ok(reason) => Ok(*reason),
@@ -582,10 +531,7 @@ impl<'m> Runner<'m> {
         self.table.touch(job.session);
         let rest = job.text.finish();
         if !rest.is_empty() {
-            let _ = job.events.send(Event::Piece(Piece {
-                ids: Vec::new(),
-                text: rest,
-            }));
+            let _ = job.events.send(Event::Piece(Piece { ids: Vec::new(), text: rest }));
         }
         let now = Instant::now();
         let first = job.first_token.unwrap_or(now);

@@ -64,11 +64,7 @@ pub struct SequenceTable {
 impl SequenceTable {
     /// A table over the sequence ids `0..sequences`.
     pub fn new(sequences: u32) -> Self {
-        SequenceTable {
-            slots: HashMap::new(),
-            free: (0..sequences as i32).rev().collect(),
-            clock: 0,
-        }
+        SequenceTable { slots: HashMap::new(), free: (0..sequences as i32).rev().collect(), clock: 0 }
     }
 
     pub fn get(&self, session: u64) -> Option<&Slot> {
@@ -81,19 +77,10 @@ impl SequenceTable {
 
     /// Gives `session` a free sequence (empty); `None` if every sequence is taken.
     pub fn allocate(&mut self, session: u64) -> Option<&mut Slot> {
-        debug_assert!(
-            !self.slots.contains_key(&session),
-            "session already has a sequence"
-        );
+        debug_assert!(!self.slots.contains_key(&session), "session already has a sequence");
         let seq = self.free.pop()?;
         self.clock += 1;
-        let slot = Slot {
-            seq,
-            tokens: Vec::new(),
-            pending: Vec::new(),
-            active: false,
-            last_used: self.clock,
-        };
+        let slot = Slot { seq, tokens: Vec::new(), pending: Vec::new(), active: false, last_used: self.clock };
         Some(self.slots.entry(session).or_insert(slot))
     }
 
@@ -151,36 +138,12 @@ mod tests {
         slot.pending = vec![5];
 
         // The claim covers the pending token: decode it before the new ones.
-        assert_eq!(
-            slot.resume(5, &[6, 7], true),
-            Some(Resume {
-                keep: 4,
-                decode: vec![5, 6, 7]
-            })
-        );
+        assert_eq!(slot.resume(5, &[6, 7], true), Some(Resume { keep: 4, decode: vec![5, 6, 7] }));
         // A shorter claim (a fork, or a turn that failed) truncates.
-        assert_eq!(
-            slot.resume(2, &[9], true),
-            Some(Resume {
-                keep: 2,
-                decode: vec![9]
-            })
-        );
+        assert_eq!(slot.resume(2, &[9], true), Some(Resume { keep: 2, decode: vec![9] }));
         // Nothing new: the last position is decoded again for its logits.
-        assert_eq!(
-            slot.resume(4, &[], true),
-            Some(Resume {
-                keep: 3,
-                decode: vec![4]
-            })
-        );
-        assert_eq!(
-            slot.resume(4, &[], false),
-            Some(Resume {
-                keep: 4,
-                decode: vec![]
-            })
-        );
+        assert_eq!(slot.resume(4, &[], true), Some(Resume { keep: 3, decode: vec![4] }));
+        assert_eq!(slot.resume(4, &[], false), Some(Resume { keep: 4, decode: vec![] }));
         // More than the sequence holds: lost.
         assert_eq!(slot.resume(6, &[1], true), None);
     }
@@ -199,9 +162,6 @@ mod tests {
         assert_eq!(table.held_tokens(), 15);
         let removed = table.remove(1).expect("slot 1");
         assert!(table.has_free());
-        assert_eq!(
-            table.allocate(3).expect("the freed sequence").seq,
-            removed.seq
-        );
+        assert_eq!(table.allocate(3).expect("the freed sequence").seq, removed.seq);
     }
 }

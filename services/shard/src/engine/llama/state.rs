@@ -40,10 +40,7 @@ pub fn load(ctx: &mut LlamaContext<'_>, seq: i32, state: &[u8], max_tokens: usiz
     // The cells must be exactly positions 0..n: the sequence bookkeeping's invariant.
     let cells = ctx.kv_cache_seq_pos_max(seq) + 1;
     if cells != tokens.len() as i32 {
-        return Err(ShardError::IncompatibleState(format!(
-            "state holds {cells} cells for {} tokens",
-            tokens.len()
-        )));
+        return Err(ShardError::IncompatibleState(format!("state holds {cells} cells for {} tokens", tokens.len())));
     }
     Ok(tokens)
 }
