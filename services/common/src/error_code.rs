@@ -76,11 +76,13 @@ impl ErrorClass {
     /// Classifies a status received from a peer. tether's services never answer `Unknown`:
     /// tonic reports a call that failed in the transport (a connection reset by a crashed
     /// peer, an HTTP/2 stream error) with it, so it is `Disconnected`, which another node may
-    /// retry. So is any status tonic built from an HTTP/2 error rather than one the peer
-    /// sent: a stream refused by a GOAWAY (a peer shutting down gracefully says `NO_ERROR`,
-    /// which tonic reports as `Internal`) or reset (`CANCEL`, reported as `Cancelled`).
+    /// retry. So is any status tonic built locally from a transport error rather than decoded
+    /// from the peer's answer (such a status carries that error as its source): a stream
+    /// refused by a GOAWAY (a peer shutting down gracefully says `NO_ERROR`, which tonic
+    /// reports as `Internal`), or a request hyper cancelled because the connection closed
+    /// (reported as `Cancelled`).
     pub fn from_status(status: &tonic::Status) -> Self {
-        if from_http2(status) {
+        if made_by_transport(status) {
             return ErrorClass::Disconnected;
         }
         match status.code() {
@@ -112,17 +114,10 @@ impl ErrorClass {
     }
 }
 
-/// Whether tonic made `status` from an HTTP/2 error (its source chain holds one) instead of
-/// decoding a status the peer sent.
-fn from_http2(status: &tonic::Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(error) = source {
-        if error.is::<h2::Error>() {
-            return true;
-        }
-        source = error.source();
-    }
-    false
+/// Whether tonic made `status` itself from a transport error (it keeps that error as the
+/// status's source); a status decoded from a peer's answer has no source.
+fn made_by_transport(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
 }
 
 #[cfg(test)]
@@ -154,6 +149,9 @@ mod tests {
             assert_eq!(ErrorClass::from_status(&status), ErrorClass::Disconnected, "{reason:?}");
             assert!(ErrorClass::from_status(&status).is_retryable());
         }
+        // A connection hyper gave up on (no HTTP/2 error in the chain) is a disconnect too.
+        let closed = tonic::Status::from_error(Box::new(std::io::Error::other("connection closed")));
+        assert_eq!(ErrorClass::from_status(&closed), ErrorClass::Disconnected);
         // The same codes sent by a peer are what they say.
         assert_eq!(ErrorClass::from_status(&tonic::Status::internal("bug")), ErrorClass::Internal);
         assert_eq!(ErrorClass::from_status(&tonic::Status::cancelled("gone")), ErrorClass::Cancelled);
