@@ -206,3 +206,18 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
         self.members.borrow().clone()
     }
 }
+
+/// Opens a lazily connected, persistent gRPC channel to a node's address (`http://host:port`):
+/// no Nagle delay, a short connect timeout and HTTP/2 keep-alives that notice a dead peer.
+pub fn channel(addr: &str) -> Option<tonic::transport::Channel> {
+    Some(
+        tonic::transport::Endpoint::from_shared(addr.to_owned())
+            .ok()?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(1))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy(),
+    )
+}

@@ -12,7 +12,7 @@ use tether_common::nodes::NodeSet;
 use tether_proto::worker::v1::ListModelsRequest;
 use tether_proto::worker::v1::worker_client::WorkerClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// A worker as the edge calls it.
 #[derive(Clone)]
@@ -43,20 +43,6 @@ impl WorkerHandle {
     }
 }
 
-/// Opens a lazily connected, persistent channel to a worker or shard address.
-pub fn channel(addr: &str) -> Option<Channel> {
-    Some(
-        Endpoint::from_shared(addr.to_owned())
-            .ok()?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(1))
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy(),
-    )
-}
-
 #[derive(Clone)]
 pub struct WorkerPool {
     nodes: NodeSet<WorkerHandle>,
@@ -70,7 +56,7 @@ impl WorkerPool {
             discovery,
             NodeKind::Worker,
             Arc::new(|member: &tether_common::discovery::Member| {
-                let client = WorkerClient::new(channel(&member.addr)?)
+                let client = WorkerClient::new(tether_common::nodes::channel(&member.addr)?)
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20);
                 Some(WorkerHandle { id: Arc::from(member.id.as_str()), client, active: Arc::default() })

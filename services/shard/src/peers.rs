@@ -10,7 +10,7 @@ use tether_common::nodes::NodeSet;
 use tether_proto::shard::v1::InfoRequest;
 use tether_proto::shard::v1::shard_client::ShardClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub type PeerClient = ShardClient<Channel>;
 
@@ -28,11 +28,7 @@ impl ShardPeers {
     /// Follows shard membership until `stop`.
     pub fn start(discovery: &dyn Discovery, self_id: &str, stop: CancellationToken) -> Self {
         let connect = Arc::new(|member: &Member| {
-            let channel = Endpoint::from_shared(member.addr.clone())
-                .ok()?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(1))
-                .connect_lazy();
+            let channel = tether_common::nodes::channel(&member.addr)?;
             Some(
                 ShardClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

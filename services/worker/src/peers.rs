@@ -9,7 +9,7 @@ use tether_common::nodes::NodeSet;
 use tether_proto::worker::v1::ListModelsRequest;
 use tether_proto::worker::v1::worker_client::WorkerClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub type PeerClient = WorkerClient<Channel>;
 
@@ -22,13 +22,7 @@ pub struct Peers {
 impl Peers {
     pub fn start(discovery: &dyn Discovery, self_id: &str, stop: CancellationToken) -> Self {
         let connect = Arc::new(|member: &Member| {
-            let channel = Endpoint::from_shared(member.addr.clone())
-                .ok()?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(1))
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .connect_lazy();
+            let channel = tether_common::nodes::channel(&member.addr)?;
             Some(WorkerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
         });
         let probe = Arc::new(|mut client: PeerClient| -> tether_common::discovery::BoxFuture<'static, bool> {

@@ -8,7 +8,7 @@ use tether_common::discovery::BoxFuture;
 use tether_proto::shard::v1::shard_client::ShardClient;
 use tether_proto::shard::v1::{GenerateRequest, InfoRequest};
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::{ChunkStream, ShardApi};
 
@@ -20,13 +20,7 @@ pub struct GrpcShard {
 impl GrpcShard {
     /// Creates the channel (connected on first use) and asks the shard for its models.
     pub fn connect(id: &str, addr: &str) -> Self {
-        let channel = Endpoint::from_shared(addr.to_owned())
-            .expect("member addresses are URLs")
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let channel = tether_common::nodes::channel(addr).expect("member addresses are URLs");
         let client = ShardClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
         let models = Arc::new(RwLock::new(Vec::new()));
         let (mut info_client, info_models, id) = (client.clone(), models.clone(), id.to_owned());
