@@ -126,7 +126,7 @@ def load_logs(path):
 
 
 def log_counts(lines):
-    handed = sum(int(m.group(1)) for _, l in lines for m in [re.search(r"handed_off=Some\((\d+)\)", l)] if m)
+    handed = sum(int(m.group(1)) for _, l in lines for m in [re.search(r"handed_off=(\d+)", l)] if m)
     return {"states_handed_off": handed,
             "fenced": sum(1 for _, l in lines if "fenced until registered again" in l),
             "ejections": sum(1 for _, l in lines if "node ejected" in l and "edge" in l.split("|")[0]),

@@ -98,13 +98,23 @@ impl Process {
 
     /// SIGTERM: a graceful drain; waits for the exit within `limit`.
     pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        self.begin_terminate();
+        self.wait_exit(limit)
+    }
+
+    /// SIGTERM without waiting (several nodes drained at once).
+    pub fn begin_terminate(&self) {
         self.signal("-TERM");
+    }
+
+    /// Waits for the process to exit within `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "{} did not exit within {limit:?} of SIGTERM", self.name);
+            assert!(Instant::now() < deadline, "{} did not exit within {limit:?}", self.name);
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -228,10 +228,62 @@ async fn adding_a_worker_under_load_fails_no_turn() {
     stop.cancel();
     let logs = agents.await.unwrap();
     let (turns, failures, lost) = summary(&logs);
-    let pulls = cluster.workers.last().unwrap().log_text().matches("pulled").count();
     println!("scale-out: {turns} turns, {failures} failed, {lost} lost; joined the edge's view in {joined:?}");
-    let _ = pulls;
     assert_eq!((failures, lost), (0, 0));
+    check_histories(&logs);
+    agents::assert_stored(&cluster.edge.url(), &logs).await;
+}
+
+/// Scale-down by two: both workers drain at the same moment, and neither may hand its states
+/// to the other (it would leave with them). Every stored chain must survive on the three left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_drained_at_once_lose_no_chain() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = ProcessCluster::start("scale-down").await;
+    for id in ["worker-3", "worker-4"] {
+        let worker = cluster.spawn_worker(id);
+        cluster.workers.push(worker);
+    }
+    cluster.wait_for_members(5, 2).await;
+    let stop = CancellationToken::new();
+    // Enough chains that some have each drained worker as the other's next owner.
+    let agents = start_agents(cluster.ws_url(), 24, stop.clone());
+    run_turns(&cluster.edge, 150, "turns on five workers").await;
+
+    tracing::info!("--- SIGTERM worker-1 and worker-3 together");
+    let drained = Instant::now();
+    let (first, second) = (cluster.worker_index("worker-1"), cluster.worker_index("worker-3"));
+    cluster.workers[first].begin_terminate();
+    cluster.workers[second].begin_terminate();
+    for index in [first, second] {
+        let status = cluster.workers[index].wait_exit(Duration::from_secs(15));
+        assert!(status.success(), "{} drained cleanly: {status}", cluster.workers[index].name);
+    }
+    let took = drained.elapsed();
+    cluster.wait_for_members(3, 2).await;
+    let report = [first, second].map(|index| {
+        let log = cluster.workers[index].log_text();
+        let field = |message: &str, name: &str| {
+            log.lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .filter(|entry| entry["fields"]["message"] == message)
+                .map(|entry| entry["fields"][name].to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let refused = log.matches("hand-off batch refused").count();
+        format!(
+            "{} handed off {} states ({refused} batches refused by the other drainer)",
+            cluster.workers[index].name,
+            field("sessions handed off", "handed_off")
+        )
+    });
+    run_turns(&cluster.edge, 100, "turns on the three left").await;
+    stop.cancel();
+    let logs = agents.await.unwrap();
+    let (turns, failures, lost) = summary(&logs);
+    println!("scale-down: {turns} turns, {failures} failed, {lost} lost; both drained in {took:?}; {report:?}");
+    assert_eq!((failures, lost), (0, 0), "{:?}", logs.iter().flat_map(|l| &l.failures).collect::<Vec<_>>());
     check_histories(&logs);
     agents::assert_stored(&cluster.edge.url(), &logs).await;
 }

@@ -108,7 +108,18 @@ impl Worker for WorkerService {
     }
 
     async fn replicate(&self, request: Request<ReplicateRequest>) -> Result<Response<ReplicateResponse>, Status> {
+        // A draining (or fenced) worker takes no states: it would leave with them. The sender
+        // ejects it and sends to the next owner.
+        if !self.ctx.serving.is_ready() {
+            return Err(WorkerError::NotServing.into());
+        }
         let need_full = replication::accept(&self.ctx, request.into_inner().states);
+        // Checked again after storing: a drain that began meanwhile may have taken its hand-off
+        // snapshot without these states, so the sender must not count on this copy. (A drain
+        // that begins after this check snapshots after the insert and hands them on.)
+        if !self.ctx.serving.is_ready() {
+            return Err(WorkerError::NotServing.into());
+        }
         Ok(Response::new(ReplicateResponse { need_full }))
     }
 

@@ -2,6 +2,7 @@
 //! replication to the key's ring successor, pulls by a new owner, and hand-off on drain.
 //! `store=false` state is never copied anywhere.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use tether_common::ErrorClass;
 use tether_proto::worker::v1::{FetchStateRequest, ReplicateRequest, SessionState};
 
 use crate::metrics as m;
+use crate::peers::PeerClient;
 use crate::pipeline::WorkerContext;
 use crate::session::ResponseState;
 use crate::session::convert::{from_proto, to_proto};
@@ -127,30 +129,66 @@ pub async fn hand_off(ctx: &WorkerContext) -> usize {
     states.sort_by_key(|state| std::cmp::Reverse(state.created.elapsed()));
     let mut moved = 0;
     for chunk in states.chunks(64) {
-        let mut batches: std::collections::HashMap<Arc<str>, (crate::peers::PeerClient, Vec<&Arc<ResponseState>>)> =
-            std::collections::HashMap::new();
-        for state in chunk {
+        moved += hand_off_chunk(ctx, chunk).await;
+    }
+    metrics::counter!(m::HANDED_OFF).increment(moved as u64);
+    moved
+}
+
+/// How many owners a hand-off batch is offered to before its states are left behind.
+const HAND_OFF_ATTEMPTS: usize = 4;
+
+/// Sends each state of `chunk` to its next owner. A peer that refuses (it drains too: two
+/// workers stopped at once would otherwise hand states to each other and both leave) or fails
+/// is ejected from this worker's ring, and its batch goes to the owner after it. A chain's
+/// states share one key, so a parent and its children always travel together.
+async fn hand_off_chunk(ctx: &WorkerContext, chunk: &[Arc<ResponseState>]) -> usize {
+    let mut pending: Vec<&Arc<ResponseState>> = chunk.iter().collect();
+    let mut moved = 0;
+    for _attempt in 0..HAND_OFF_ATTEMPTS {
+        let mut batches: HashMap<Arc<str>, (PeerClient, Vec<&Arc<ResponseState>>)> = HashMap::new();
+        for state in pending.drain(..) {
             if let Some((peer, client)) = ctx.peers.previous_owner(state.session.0) {
                 batches.entry(peer).or_insert_with(|| (client, Vec::new())).1.push(state);
             }
         }
-        for (peer, (mut client, batch)) in batches {
-            let request = ReplicateRequest { states: batch.iter().map(|state| to_proto(state, true)).collect() };
-            match tokio::time::timeout(CALL_LIMIT, client.replicate(request)).await {
-                Ok(Ok(reply)) => {
-                    let missing = reply.into_inner().need_full;
-                    let whole: Vec<SessionState> =
-                        batch.iter().filter(|s| missing.contains(&s.id)).map(|s| to_proto(s, false)).collect();
-                    if !whole.is_empty() {
-                        let _ = tokio::time::timeout(CALL_LIMIT, client.replicate(ReplicateRequest { states: whole }))
-                            .await;
-                    }
-                    moved += batch.len();
+        if batches.is_empty() {
+            break;
+        }
+        for (peer, (client, batch)) in batches {
+            match send_batch(client, &batch).await {
+                Ok(()) => moved += batch.len(),
+                Err(reason) => {
+                    tracing::warn!(peer = %peer, states = batch.len(), reason, "hand-off batch refused; trying the next owner");
+                    ctx.peers.nodes.eject(&peer);
+                    pending.extend(batch);
                 }
-                _ => tracing::warn!(peer = %peer, "hand-off batch failed"),
             }
         }
     }
-    metrics::counter!(m::HANDED_OFF).increment(moved as u64);
+    if !pending.is_empty() {
+        tracing::warn!(states = pending.len(), "hand-off found no owner to take these states");
+    }
     moved
+}
+
+/// Replicates `batch` as deltas, then whole the states whose parent the peer lacks.
+async fn send_batch(client: PeerClient, batch: &[&Arc<ResponseState>]) -> Result<(), &'static str> {
+    let missing = send(client.clone(), batch.iter().map(|state| to_proto(state, true)).collect()).await?;
+    let whole: Vec<SessionState> =
+        batch.iter().filter(|state| missing.contains(&state.id)).map(|state| to_proto(state, false)).collect();
+    if !whole.is_empty() {
+        send(client, whole).await?;
+    }
+    Ok(())
+}
+
+/// One `Replicate` call; returns the ids the peer needs whole.
+async fn send(mut client: PeerClient, states: Vec<SessionState>) -> Result<Vec<String>, &'static str> {
+    match tokio::time::timeout(CALL_LIMIT, client.replicate(ReplicateRequest { states })).await {
+        Ok(Ok(reply)) => Ok(reply.into_inner().need_full),
+        Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Err("not serving"),
+        Ok(Err(_)) => Err("failed"),
+        Err(_) => Err("timed out"),
+    }
 }

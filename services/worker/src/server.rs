@@ -82,8 +82,10 @@ pub async fn serve_with(
     // ring, so a new owner that misses a state pulls it from here.
     let deadline = tokio::time::Instant::now() + config.shutdown_grace;
     serving.set(false);
-    let moved = tokio::time::timeout_at(deadline, hand_off(&ctx)).await;
-    tracing::info!(worker = %id, handed_off = ?moved.ok(), "sessions handed off");
+    match tokio::time::timeout_at(deadline, hand_off(&ctx)).await {
+        Ok(moved) => tracing::info!(worker = %id, handed_off = moved, "sessions handed off"),
+        Err(_) => tracing::warn!(worker = %id, "hand-off ran out of the shutdown grace"),
+    }
     registration.revoke().await;
     stop_accepting.cancel();
     let drained = tokio::time::timeout_at(deadline, server).await;
