@@ -213,18 +213,23 @@ async fn rolling_restart_with_sigterm_fails_no_turn() {
     agents::assert_stored(&cluster.edge.url(), &logs).await;
 }
 
+/// Scale-up by two at once: a key that moves to one newcomer may have the other newcomer
+/// between it and the key's earlier owner, so the pull must look past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn adding_a_worker_under_load_fails_no_turn() {
+async fn adding_two_workers_at_once_under_load_fails_no_turn() {
     let _serial = SERIAL.lock().await;
     let mut cluster = ProcessCluster::start("scale").await;
     let stop = CancellationToken::new();
-    let agents = start_agents(cluster.ws_url(), 8, stop.clone());
-    run_turns(&cluster.edge, 40, "turns before the new worker").await;
-    tracing::info!("--- add worker-3");
-    let worker = cluster.spawn_worker("worker-3");
-    cluster.workers.push(worker);
-    let joined = cluster.wait_for_members(4, 2).await;
-    run_turns(&cluster.edge, 80, "turns after the new worker").await;
+    // Many chains, so that some have one newcomer between the other and their earlier owner.
+    let agents = start_agents(cluster.ws_url(), 32, stop.clone());
+    run_turns(&cluster.edge, 80, "turns before the new workers").await;
+    tracing::info!("--- add worker-3 and worker-4");
+    for id in ["worker-3", "worker-4"] {
+        let worker = cluster.spawn_worker(id);
+        cluster.workers.push(worker);
+    }
+    let joined = cluster.wait_for_members(5, 2).await;
+    run_turns(&cluster.edge, 120, "turns after the new workers").await;
     stop.cancel();
     let logs = agents.await.unwrap();
     let (turns, failures, lost) = summary(&logs);

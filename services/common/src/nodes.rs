@@ -178,6 +178,16 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
         view.nodes.get(id).map(|(_, client)| (Arc::from(id), client.clone()))
     }
 
+    /// Up to `limit` live nodes in ring order from `key` (see [`Ring::walk`]).
+    pub fn walk(&self, key: u64, limit: usize) -> Vec<(Arc<str>, C)> {
+        let view = self.view.read();
+        let walk = view.ring.walk(key);
+        walk.into_iter()
+            .take(limit)
+            .filter_map(|id| view.nodes.get(id).map(|(_, client)| (Arc::from(id), client.clone())))
+            .collect()
+    }
+
     pub fn get(&self, id: &str) -> Option<C> {
         self.view.read().nodes.get(id).map(|(_, client)| client.clone())
     }

@@ -77,6 +77,23 @@ impl Ring {
             self.nodes.get(&vnode.node).expect("sub-ring nodes are ring nodes").as_str()
         })
     }
+
+    /// Every node in ring order from `key`: its owner, its successor, then the node that
+    /// would own the key were those two gone, and so on. After several nodes joined at once,
+    /// the key's earlier owner is further down this walk than the successor.
+    pub fn walk(&self, key: u64) -> Vec<&str> {
+        let mut walk: Vec<&str> = Vec::with_capacity(self.nodes.len());
+        for vnode in self.ring.get_with_replicas(&key, usize::MAX).unwrap_or_default() {
+            let node = self.nodes.get(&vnode.node).expect("ring nodes are known").as_str();
+            if !walk.contains(&node) {
+                walk.push(node);
+                if walk.len() == self.nodes.len() {
+                    break;
+                }
+            }
+        }
+        walk
+    }
 }
 
 fn build<'a>(nodes: impl Iterator<Item = &'a String>, vnodes: u32) -> HashRing<VirtualNode> {
@@ -126,6 +143,23 @@ mod tests {
         }
         assert!(Ring::new(["solo"], 8).successor(1).is_none());
         assert!(Ring::new([], 8).owner(1).is_none());
+    }
+
+    #[test]
+    fn the_walk_lists_who_owns_the_key_as_nodes_before_it_leave() {
+        let nodes = ["a", "b", "c", "d", "e"];
+        let ring = Ring::new(nodes, 64);
+        for key in 0..300u64 {
+            let walk = ring.walk(key);
+            assert_eq!(walk.len(), nodes.len());
+            assert_eq!(walk[0], ring.owner(key).unwrap());
+            assert_eq!(walk[1], ring.successor(key).unwrap());
+            for gone in 1..nodes.len() {
+                let rest: Vec<&str> = nodes.into_iter().filter(|n| !walk[..gone].contains(n)).collect();
+                assert_eq!(Ring::new(rest, 64).owner(key), Some(walk[gone]), "key {key} without {:?}", &walk[..gone]);
+            }
+        }
+        assert!(Ring::new([], 8).walk(1).is_empty());
     }
 
     #[test]

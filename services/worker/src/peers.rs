@@ -45,6 +45,15 @@ impl Peers {
         }
     }
 
+    /// Whom to ask for a state of `key` this worker lacks, in order: the other workers in
+    /// ring order from the key, at most `limit`. That is the previous owner (a draining one,
+    /// or the one this worker took the key from), the replica holder, and, when several
+    /// workers joined at once, the earlier owner behind the other newcomers.
+    pub fn holders(&self, key: u64, limit: usize) -> Vec<(Arc<str>, PeerClient)> {
+        let walk = self.nodes.walk(key, limit + 1);
+        walk.into_iter().filter(|(id, _)| **id != *self.self_id).take(limit).collect()
+    }
+
     /// Who held `key` before this worker (the owner were this worker not in the ring).
     pub fn previous_owner(&self, key: u64) -> Option<(Arc<str>, PeerClient)> {
         self.nodes.owner_without(key, &self.self_id).filter(|(id, _)| **id != *self.self_id)

@@ -64,17 +64,13 @@ pub async fn replicate(ctx: &WorkerContext, state: &ResponseState) {
     metrics::counter!(m::REPLICATION_FAILURES).increment(1);
 }
 
+/// How many peers a pull asks: workers that joined at once stand before the key's earlier owner.
+const PULL_CANDIDATES: usize = 4;
+
 /// Pulls a response's state from the worker that held its key before this one (a chain
 /// that moved here when membership changed). One extra round trip, then it is local.
 pub async fn pull(ctx: &WorkerContext, tenant: &str, id: &str, key: u64) -> Option<Arc<ResponseState>> {
-    // The previous owner (a new node took its keys, or it is draining), else the key's
-    // replica holder as this worker sees it.
-    let mut candidates = Vec::new();
-    for candidate in [ctx.peers.previous_owner(key), ctx.peers.replica_target(key)].into_iter().flatten() {
-        if !candidates.iter().any(|(peer, _): &(Arc<str>, _)| *peer == candidate.0) {
-            candidates.push(candidate);
-        }
-    }
+    let candidates = ctx.peers.holders(key, PULL_CANDIDATES);
     for (peer, mut client) in candidates {
         let request = FetchStateRequest { tenant: tenant.to_owned(), response_id: id.to_owned() };
         let state = match tokio::time::timeout(CALL_LIMIT, client.fetch_state(request)).await {
