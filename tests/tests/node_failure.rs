@@ -142,6 +142,32 @@ async fn a_new_worker_takes_keys_and_pulls_moved_chains() {
     println!("{moved} of {} chains moved to the new worker", heads.len());
 }
 
+/// A chain that moved to a new worker has copies on its earlier owner and that owner's replica
+/// holder; a DELETE must remove them all, or the next pull brings the response back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_response_stays_deleted_after_its_chain_moved() {
+    let mut cluster = Cluster::builder().workers(2).start().await;
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let (status, response) = post(&http, &cluster.url(), json!({"input": format!("chain {i}")})).await;
+        assert_eq!(status, 200);
+        ids.push(response["id"].as_str().unwrap().to_owned());
+    }
+    cluster.add_worker("worker-new").await;
+    let url = |id: &str| format!("{}/v1/responses/{id}", cluster.url());
+    for id in &ids {
+        assert_eq!(http.get(url(id)).send().await.unwrap().status(), 200, "{id} resolves (by pull if it moved)");
+        assert_eq!(http.delete(url(id)).send().await.unwrap().status(), 200, "{id} deleted");
+    }
+    for id in &ids {
+        let reply = http.get(url(id)).send().await.unwrap();
+        assert_eq!(reply.status(), 404, "{id} came back after its DELETE");
+        let (status, body) = post(&http, &cluster.url(), json!({"previous_response_id": id, "input": "more"})).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("previous_response_not_found")));
+    }
+}
+
 fn placeholder() -> tether_tests::Node {
     tether_tests::Node::idle("drained")
 }

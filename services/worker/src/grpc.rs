@@ -80,12 +80,9 @@ impl Worker for WorkerService {
             return Ok(Response::new(not_found(&reference.response_id)));
         }
         let removed = self.ctx.cache.remove(&reference.tenant, &reference.response_id);
-        if !reference.local_only {
-            // The replica goes too, or a later pull would bring the response back.
-            if let Some((_, mut peer)) = removed.and_then(|state| self.ctx.peers.replica_target(state.session.0)) {
-                let forward = ResponseRef { local_only: true, ..reference.clone() };
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), peer.delete_response(forward)).await;
-            }
+        if let Some(state) = removed.filter(|_| !reference.local_only) {
+            // Every copy a later pull could find goes too, or it would bring the response back.
+            replication::forget(&self.ctx, &reference, state.session.0).await;
         }
         let json = serde_json::json!({"id": reference.response_id, "object": "response.deleted", "deleted": true});
         Ok(Response::new(ResponseBody { kind: Some(response_body::Kind::Json(json.to_string().into_bytes())) }))

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use tether_common::ErrorClass;
-use tether_proto::worker::v1::{FetchStateRequest, ReplicateRequest, SessionState};
+use tether_proto::worker::v1::{FetchStateRequest, ReplicateRequest, ResponseRef, SessionState};
 
 use crate::metrics as m;
 use crate::peers::PeerClient;
@@ -89,6 +89,17 @@ pub async fn pull(ctx: &WorkerContext, tenant: &str, id: &str, key: u64) -> Opti
         }
     }
     None
+}
+
+/// Deletes the copies of a response held by the peers a [`pull`] would ask (the replica
+/// holder, and the earlier owner of a chain that moved here), in parallel.
+pub async fn forget(ctx: &WorkerContext, reference: &ResponseRef, key: u64) {
+    let forward = ResponseRef { local_only: true, ..reference.clone() };
+    let calls = ctx.peers.holders(key, PULL_CANDIDATES).into_iter().map(|(_, mut client)| {
+        let forward = forward.clone();
+        async move { tokio::time::timeout(CALL_LIMIT, client.delete_response(forward)).await }
+    });
+    futures_util::future::join_all(calls).await;
 }
 
 fn adopt(ctx: &WorkerContext, tenant: &str, state: SessionState) -> Option<Arc<ResponseState>> {
