@@ -30,37 +30,33 @@ pub enum ReplicationMode {
 const CALL_LIMIT: Duration = Duration::from_secs(2);
 
 /// Copies `state` to its replica holder (a delta on the parent; whole if the replica lacks
-/// the parent). A holder that refuses is ejected and the next one tried.
+/// the parent). A holder that is gone or refuses (it drains) is ejected and the next one tried.
 pub async fn replicate(ctx: &WorkerContext, state: &ResponseState) {
     if !state.store {
         return;
     }
     let started = Instant::now();
-    for _attempt in 0..2 {
-        let Some((peer, mut client)) = ctx.peers.replica_target(state.session.0) else { return };
-        let delta = to_proto(state, true);
-        let sent_delta = delta.delta;
-        let result = tokio::time::timeout(CALL_LIMIT, client.replicate(ReplicateRequest { states: vec![delta] })).await;
-        match result {
-            Ok(Ok(reply)) => {
-                if sent_delta && !reply.into_inner().need_full.is_empty() {
-                    let whole = ReplicateRequest { states: vec![to_proto(state, false)] };
-                    if tokio::time::timeout(CALL_LIMIT, client.replicate(whole)).await.is_err() {
-                        break;
-                    }
-                    metrics::counter!(m::REPLICATION_FULL).increment(1);
-                }
+    for attempt in 0..2 {
+        let Some((peer, client)) = ctx.peers.replica_target(state.session.0) else {
+            if attempt == 0 {
+                return; // a single worker: nowhere to replicate
+            }
+            break;
+        };
+        match send_batch_retrying(client, &[state]).await {
+            Ok(whole) => {
+                metrics::counter!(m::REPLICATION_FULL).increment(whole as u64);
                 metrics::histogram!(m::REPLICATION_SECONDS).record(started.elapsed().as_secs_f64());
                 return;
             }
-            Ok(Err(status)) if ErrorClass::from_status(&status).is_retryable() => ctx.peers.nodes.eject(&peer),
-            Ok(Err(status)) => {
+            Err(SendError::Status(status)) if !ErrorClass::from_status(&status).is_retryable() => {
                 tracing::warn!(peer = %peer, code = ?status.code(), "replication refused");
                 break;
             }
             Err(_) => ctx.peers.nodes.eject(&peer),
         }
     }
+    tracing::warn!(response = %state.id, "replication failed: the stored response has no replica");
     metrics::counter!(m::REPLICATION_FAILURES).increment(1);
 }
 
@@ -150,10 +146,10 @@ const HAND_OFF_ATTEMPTS: usize = 4;
 /// is ejected from this worker's ring, and its batch goes to the owner after it. A chain's
 /// states share one key, so a parent and its children always travel together.
 async fn hand_off_chunk(ctx: &WorkerContext, chunk: &[Arc<ResponseState>]) -> usize {
-    let mut pending: Vec<&Arc<ResponseState>> = chunk.iter().collect();
+    let mut pending: Vec<&ResponseState> = chunk.iter().map(Arc::as_ref).collect();
     let mut moved = 0;
     for _attempt in 0..HAND_OFF_ATTEMPTS {
-        let mut batches: HashMap<Arc<str>, (PeerClient, Vec<&Arc<ResponseState>>)> = HashMap::new();
+        let mut batches: HashMap<Arc<str>, (PeerClient, Vec<&ResponseState>)> = HashMap::new();
         for state in pending.drain(..) {
             if let Some((peer, client)) = ctx.peers.previous_owner(state.session.0) {
                 batches.entry(peer).or_insert_with(|| (client, Vec::new())).1.push(state);
@@ -163,10 +159,10 @@ async fn hand_off_chunk(ctx: &WorkerContext, chunk: &[Arc<ResponseState>]) -> us
             break;
         }
         for (peer, (client, batch)) in batches {
-            match send_batch(client, &batch).await {
-                Ok(()) => moved += batch.len(),
-                Err(reason) => {
-                    tracing::warn!(peer = %peer, states = batch.len(), reason, "hand-off batch refused; trying the next owner");
+            match send_batch_retrying(client, &batch).await {
+                Ok(_) => moved += batch.len(),
+                Err(error) => {
+                    tracing::warn!(peer = %peer, states = batch.len(), ?error, "hand-off batch refused; trying the next owner");
                     ctx.peers.nodes.eject(&peer);
                     pending.extend(batch);
                 }
@@ -174,28 +170,51 @@ async fn hand_off_chunk(ctx: &WorkerContext, chunk: &[Arc<ResponseState>]) -> us
         }
     }
     if !pending.is_empty() {
-        tracing::warn!(states = pending.len(), "hand-off found no owner to take these states");
+        tracing::warn!(states = pending.len(), "no owner took these states on hand-off");
     }
     moved
 }
 
-/// Replicates `batch` as deltas, then whole the states whose parent the peer lacks.
-async fn send_batch(client: PeerClient, batch: &[&Arc<ResponseState>]) -> Result<(), &'static str> {
+/// Why a `Replicate` call did not store a batch.
+#[derive(Debug)]
+enum SendError {
+    Status(tonic::Status),
+    TimedOut,
+}
+
+/// [`send_batch`], and once more on the same peer if the connection broke or the call timed
+/// out: a stale connection (the peer restarted) reconnects on the next call, and a call that
+/// was in flight while this process was frozen (SIGSTOP, a long pause) times out the moment it
+/// resumes. Neither is the peer's fault, and ejecting it would leave the state without a
+/// replica. A peer that is really gone fails the second call too.
+async fn send_batch_retrying(client: PeerClient, batch: &[&ResponseState]) -> Result<usize, SendError> {
+    match send_batch(client.clone(), batch).await {
+        Err(SendError::TimedOut) => send_batch(client, batch).await,
+        Err(SendError::Status(status)) if ErrorClass::from_status(&status) == ErrorClass::Disconnected => {
+            send_batch(client, batch).await
+        }
+        result => result,
+    }
+}
+
+/// Replicates `batch` as deltas, then whole the states whose parent the peer lacks; returns
+/// how many went whole.
+async fn send_batch(client: PeerClient, batch: &[&ResponseState]) -> Result<usize, SendError> {
     let missing = send(client.clone(), batch.iter().map(|state| to_proto(state, true)).collect()).await?;
     let whole: Vec<SessionState> =
         batch.iter().filter(|state| missing.contains(&state.id)).map(|state| to_proto(state, false)).collect();
-    if !whole.is_empty() {
+    let count = whole.len();
+    if count > 0 {
         send(client, whole).await?;
     }
-    Ok(())
+    Ok(count)
 }
 
 /// One `Replicate` call; returns the ids the peer needs whole.
-async fn send(mut client: PeerClient, states: Vec<SessionState>) -> Result<Vec<String>, &'static str> {
+async fn send(mut client: PeerClient, states: Vec<SessionState>) -> Result<Vec<String>, SendError> {
     match tokio::time::timeout(CALL_LIMIT, client.replicate(ReplicateRequest { states })).await {
         Ok(Ok(reply)) => Ok(reply.into_inner().need_full),
-        Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Err("not serving"),
-        Ok(Err(_)) => Err("failed"),
-        Err(_) => Err("timed out"),
+        Ok(Err(status)) => Err(SendError::Status(status)),
+        Err(_) => Err(SendError::TimedOut),
     }
 }
