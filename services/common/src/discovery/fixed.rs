@@ -44,4 +44,8 @@ impl Discovery for FixedDiscovery {
             NodeKind::Shard => self.shards.subscribe(),
         }
     }
+
+    fn lists_registrations(&self) -> bool {
+        false
+    }
 }

@@ -84,4 +84,9 @@ pub trait Discovery: Send + Sync + 'static {
 
     /// Returns a receiver that always holds the latest known members of `kind`.
     fn watch(&self, kind: NodeKind) -> watch::Receiver<Members>;
+
+    /// Whether a registration shows up in [`Discovery::watch`] (false for a fixed list).
+    fn lists_registrations(&self) -> bool {
+        true
+    }
 }
