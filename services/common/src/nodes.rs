@@ -26,7 +26,10 @@ pub type Connect<C> = Arc<dyn Fn(&Member) -> Option<C> + Send + Sync>;
 pub type Probe<C> = Arc<dyn Fn(C) -> BoxFuture<'static, bool> + Send + Sync>;
 
 struct View<C> {
+    /// The live nodes: members, not ejected. Routing uses this one.
     ring: Ring,
+    /// Every member, ejected ones included (rebuilt on membership change only).
+    members: Ring,
     nodes: HashMap<String, (String, C)>,
     ejected: BTreeSet<String>,
 }
@@ -65,6 +68,7 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
             kind,
             view: Arc::new(RwLock::new(View {
                 ring: Ring::new([], DEFAULT_VNODES),
+                members: Ring::new([], DEFAULT_VNODES),
                 nodes: HashMap::new(),
                 ejected: BTreeSet::new(),
             })),
@@ -116,6 +120,7 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
         let still_members: BTreeSet<String> =
             view.ejected.iter().filter(|id| nodes.contains_key(*id)).cloned().collect();
         view.ejected = still_members;
+        view.members = Ring::new(view.nodes.keys().map(String::as_str), DEFAULT_VNODES);
         view.rebuild();
         metrics::counter!(MEMBERSHIP_CHANGES, "kind" => self.kind.as_str()).increment(1);
         metrics::gauge!(LIVE_NODES, "kind" => self.kind.as_str()).set(view.ring.len() as f64);
@@ -178,12 +183,16 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
         view.nodes.get(id).map(|(_, client)| (Arc::from(id), client.clone()))
     }
 
-    /// Up to `limit` live nodes in ring order from `key` (see [`Ring::walk`]).
-    pub fn walk(&self, key: u64, limit: usize) -> Vec<(Arc<str>, C)> {
+    /// Who may hold a copy of `key`'s state, `skip` (the asking node) left out: up to `limit`
+    /// live nodes in ring order from the key, then every ejected member in ring order.
+    /// Ejection only stops routing: a node that refused a call because it drains still holds,
+    /// and serves, the states it has not handed off yet, so a lookup that missed on the live
+    /// nodes asks it too (last: an ejected node may also be frozen or dead).
+    pub fn holders(&self, key: u64, limit: usize, skip: &str) -> Vec<(Arc<str>, C)> {
         let view = self.view.read();
-        let walk = view.ring.walk(key);
-        walk.into_iter()
-            .take(limit)
+        let live = view.ring.walk(key).into_iter().filter(|id| *id != skip).take(limit);
+        let ejected = view.members.walk(key).into_iter().filter(|id| *id != skip && view.ejected.contains(*id));
+        live.chain(ejected)
             .filter_map(|id| view.nodes.get(id).map(|(_, client)| (Arc::from(id), client.clone())))
             .collect()
     }
@@ -230,4 +239,39 @@ pub fn channel(addr: &str) -> Option<tonic::transport::Channel> {
             .keep_alive_while_idle(true)
             .connect_lazy(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::fixed::FixedDiscovery;
+
+    fn member(id: &str) -> Member {
+        Member { id: id.to_owned(), addr: format!("http://{id}.invalid:1") }
+    }
+
+    #[tokio::test]
+    async fn a_lookup_asks_ejected_members_after_the_live_nodes() {
+        let nodes = ["a", "b", "c", "d"];
+        let discovery = FixedDiscovery::new(nodes.iter().copied().map(member).collect(), Vec::new());
+        let connect: Connect<()> = Arc::new(|_: &Member| Some(()));
+        let never: Probe<()> = Arc::new(|()| Box::pin(async { false }));
+        let stop = CancellationToken::new();
+        let set = NodeSet::start(&discovery, NodeKind::Worker, connect, never, Duration::from_secs(3600), stop.clone());
+        let key = 42;
+        let walk: Vec<String> = set.holders(key, 8, "").into_iter().map(|(id, ())| id.to_string()).collect();
+        assert_eq!(walk.len(), 4, "every node, in ring order: {walk:?}");
+
+        // The key's owner refuses a call (it drains) and is ejected: no more turns go to it,
+        // but it still holds the key's states, so it stays on the list, after the live nodes.
+        let (asker, owner) = (walk[1].as_str(), walk[0].as_str());
+        set.eject(owner);
+        let ids: Vec<String> = set.holders(key, 8, asker).into_iter().map(|(id, ())| id.to_string()).collect();
+        let live: Vec<String> = walk[2..].to_vec();
+        assert_eq!(ids, [live, vec![owner.to_owned()]].concat());
+        // The live part is bounded; the ejected members are always asked.
+        let one: Vec<String> = set.holders(key, 1, asker).into_iter().map(|(id, ())| id.to_string()).collect();
+        assert_eq!(one, [walk[2].clone(), owner.to_owned()]);
+        stop.cancel();
+    }
 }

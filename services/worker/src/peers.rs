@@ -45,13 +45,13 @@ impl Peers {
         }
     }
 
-    /// Whom to ask for a state of `key` this worker lacks, in order: the other workers in
-    /// ring order from the key, at most `limit`. That is the previous owner (a draining one,
-    /// or the one this worker took the key from), the replica holder, and, when several
-    /// workers joined at once, the earlier owner behind the other newcomers.
+    /// Whom to ask for a state of `key` this worker lacks, in order: at most `limit` other
+    /// live workers in ring order from the key, then the members this worker ejected. That is
+    /// the previous owner (the one this worker took the key from), the replica holder, when
+    /// several workers joined at once the earlier owner behind the other newcomers, and a
+    /// draining worker whose hand-off has not reached this state yet.
     pub fn holders(&self, key: u64, limit: usize) -> Vec<(Arc<str>, PeerClient)> {
-        let walk = self.nodes.walk(key, limit + 1);
-        walk.into_iter().filter(|(id, _)| **id != *self.self_id).take(limit).collect()
+        self.nodes.holders(key, limit, &self.self_id)
     }
 
     /// Who held `key` before this worker (the owner were this worker not in the ring).

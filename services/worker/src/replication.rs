@@ -67,6 +67,7 @@ const PULL_CANDIDATES: usize = 4;
 /// that moved here when membership changed). One extra round trip, then it is local.
 pub async fn pull(ctx: &WorkerContext, tenant: &str, id: &str, key: u64) -> Option<Arc<ResponseState>> {
     let candidates = ctx.peers.holders(key, PULL_CANDIDATES);
+    let mut asked = Vec::with_capacity(candidates.len());
     for (peer, mut client) in candidates {
         let request = FetchStateRequest { tenant: tenant.to_owned(), response_id: id.to_owned() };
         let state = match tokio::time::timeout(CALL_LIMIT, client.fetch_state(request)).await {
@@ -75,15 +76,24 @@ pub async fn pull(ctx: &WorkerContext, tenant: &str, id: &str, key: u64) -> Opti
                 if ErrorClass::from_status(&status).is_retryable() {
                     ctx.peers.nodes.eject(&peer);
                 }
-                None
+                asked.push(format!("{peer}:{:?}", status.code()));
+                continue;
             }
-            Err(_) => None,
+            Err(_) => {
+                asked.push(format!("{peer}:timeout"));
+                continue;
+            }
         };
-        if let Some(state) = state {
-            tracing::debug!(peer = %peer, "pulled a moved chain");
-            return adopt(ctx, tenant, state);
+        match state {
+            Some(state) => {
+                tracing::debug!(peer = %peer, response = id, "pulled a moved chain");
+                return adopt(ctx, tenant, state);
+            }
+            None => asked.push(format!("{peer}:absent")),
         }
     }
+    // An unknown id, or a chain whose every copy sits outside the walk: the log says which.
+    tracing::debug!(response = id, asked = ?asked, "no peer holds the state");
     None
 }
 
