@@ -168,6 +168,41 @@ async fn a_deleted_response_stays_deleted_after_its_chain_moved() {
     }
 }
 
+/// Two workers crash at once, both standing right after a chain's owner on the ring: the
+/// owner's next replication meets two dead holders before a live one. The state must still
+/// get a replica, so the chain survives when its owner dies next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_finds_a_replica_past_two_dead_successors() {
+    let mut cluster = Cluster::builder().workers(4).start().await;
+    let http = reqwest::Client::new();
+    let ids: Vec<String> = cluster.workers.iter().map(|w| w.id.clone()).collect();
+    let ring =
+        tether_common::placement::Ring::new(ids.iter().map(String::as_str), tether_common::placement::DEFAULT_VNODES);
+    let (status, head) = post(&http, &cluster.url(), json!({"input": "a chain"})).await;
+    assert_eq!(status, 200);
+    let key = tether_common::ResponseId::parse(head["id"].as_str().unwrap()).unwrap().session_key().0;
+    let walk: Vec<String> = ring.walk(key).into_iter().map(str::to_owned).collect();
+    assert_eq!(walk[0], worker_of(&head), "the test computes the ring the cluster uses");
+    let (owner, dead, last) = (&walk[0], &walk[1..3], &walk[3]);
+
+    tracing::info!("--- crash {dead:?}: membership still lists them");
+    for id in dead {
+        cluster.worker(id).kill();
+    }
+    let (status, next) = post(&http, &cluster.url(), json!({"previous_response_id": head["id"], "input": "on"})).await;
+    assert_eq!((status, worker_of(&next)), (200, owner.clone()));
+
+    tracing::info!("--- crash the owner too; only {last} is left");
+    cluster.worker(owner).kill();
+    for id in walk[..3].iter() {
+        cluster.discovery.expire(NodeKind::Worker, id);
+    }
+    let (status, after) =
+        post(&http, &cluster.url(), json!({"previous_response_id": next["id"], "input": "more"})).await;
+    assert_eq!(status, 200, "the state made after two holders died has a replica: {after}");
+    assert_eq!(worker_of(&after), *last);
+}
+
 fn placeholder() -> tether_tests::Node {
     tether_tests::Node::idle("drained")
 }

@@ -29,6 +29,10 @@ pub enum ReplicationMode {
 
 const CALL_LIMIT: Duration = Duration::from_secs(2);
 
+/// How many holders a state or a hand-off batch is offered to before it is left without a
+/// copy: two workers drained at once are the first two a key's walk can meet.
+const HOLDER_ATTEMPTS: usize = 4;
+
 /// Copies `state` to its replica holder (a delta on the parent; whole if the replica lacks
 /// the parent). A holder that is gone or refuses (it drains) is ejected and the next one tried.
 pub async fn replicate(ctx: &WorkerContext, state: &ResponseState) {
@@ -36,7 +40,7 @@ pub async fn replicate(ctx: &WorkerContext, state: &ResponseState) {
         return;
     }
     let started = Instant::now();
-    for attempt in 0..2 {
+    for attempt in 0..HOLDER_ATTEMPTS {
         let Some((peer, client)) = ctx.peers.replica_target(state.session.0) else {
             if attempt == 0 {
                 return; // a single worker: nowhere to replicate
@@ -148,9 +152,6 @@ pub async fn hand_off(ctx: &WorkerContext) -> usize {
     moved
 }
 
-/// How many owners a hand-off batch is offered to before its states are left behind.
-const HAND_OFF_ATTEMPTS: usize = 4;
-
 /// Sends each state of `chunk` to its next owner. A peer that refuses (it drains too: two
 /// workers stopped at once would otherwise hand states to each other and both leave) or fails
 /// is ejected from this worker's ring, and its batch goes to the owner after it. A chain's
@@ -158,7 +159,7 @@ const HAND_OFF_ATTEMPTS: usize = 4;
 async fn hand_off_chunk(ctx: &WorkerContext, chunk: &[Arc<ResponseState>]) -> usize {
     let mut pending: Vec<&ResponseState> = chunk.iter().map(Arc::as_ref).collect();
     let mut moved = 0;
-    for _attempt in 0..HAND_OFF_ATTEMPTS {
+    for _attempt in 0..HOLDER_ATTEMPTS {
         let mut batches: HashMap<Arc<str>, (PeerClient, Vec<&ResponseState>)> = HashMap::new();
         for state in pending.drain(..) {
             if let Some((peer, client)) = ctx.peers.previous_owner(state.session.0) {
