@@ -339,6 +339,22 @@ mod tests {
     }
 
     #[test]
+    fn a_ca_on_disk_is_made_once_and_reused() {
+        let dir = std::env::temp_dir().join(format!("tether-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = Authority::load_or_create(&dir).unwrap();
+        let again = Authority::load_or_create(&dir).unwrap();
+        assert_eq!(first.cert_pem(), again.cert_pem());
+        let (cert, key) = again.write_node(&dir, "worker-0", &[]).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(dir.join(CA_KEY_FILE)).unwrap().permissions().mode() & 0o777, 0o600);
+        let args = TlsArgs { tls_cert: Some(cert), tls_key: Some(key), tls_ca: Some(dir.join(CA_CERT_FILE)) };
+        assert!(args.load().unwrap().is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn the_url_scheme_follows_the_plane() {
         let ca = Authority::generate().unwrap();
         let tls = ca.node_tls("n", &[]).unwrap();
