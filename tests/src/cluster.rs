@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tether_common::discovery::memory::MemoryDiscovery;
 use tether_common::discovery::{Discovery, NodeKind};
+use tether_common::tls::{Authority, Tls};
 use tether_edge::EdgeConfig;
 use tether_shard::ShardConfig;
 use tether_worker::WorkerConfig;
@@ -108,6 +109,7 @@ pub struct Cluster {
     pub workers: Vec<Node>,
     pub shards: Vec<Node>,
     worker_config: WorkerConfig,
+    tls: Option<Arc<Authority>>,
 }
 
 pub struct ClusterBuilder {
@@ -117,6 +119,7 @@ pub struct ClusterBuilder {
     shard_config: ShardConfig,
     worker_config: WorkerConfig,
     edge_config: EdgeConfig,
+    tls: Option<Arc<Authority>>,
 }
 
 impl Cluster {
@@ -128,6 +131,7 @@ impl Cluster {
             shard_config: ShardConfig::for_test(),
             worker_config: WorkerConfig::for_test(),
             edge_config: EdgeConfig::for_test(),
+            tls: None,
         }
     }
 
@@ -143,7 +147,7 @@ impl Cluster {
     /// Starts one more worker and waits until it is registered.
     pub async fn add_worker(&mut self, id: &str) {
         let shared: Arc<dyn Discovery> = Arc::new(self.discovery.clone());
-        self.workers.push(spawn_worker(&self.worker_config, &shared, id));
+        self.workers.push(spawn_worker(&self.worker_config, self.tls.as_deref(), &shared, id));
         let discovery = self.discovery.clone();
         let id = id.to_owned();
         wait::until(Duration::from_secs(10), "the new worker registered", || {
@@ -164,9 +168,15 @@ impl Cluster {
     }
 }
 
-fn spawn_worker(config: &WorkerConfig, discovery: &Arc<dyn Discovery>, id: &str) -> Node {
+/// A node's TLS material from the cluster CA: its id, `localhost` and `127.0.0.1` as SANs.
+pub fn node_tls(authority: &Authority, id: &str) -> Tls {
+    authority.node_tls(id, &["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("issue a node certificate")
+}
+
+fn spawn_worker(config: &WorkerConfig, tls: Option<&Authority>, discovery: &Arc<dyn Discovery>, id: &str) -> Node {
     let mut config = config.clone();
     config.id = Some(id.to_owned());
+    config.tls = tls.map(|authority| node_tls(authority, id));
     let discovery = discovery.clone();
     Node::spawn(id.to_owned(), Some(NodeKind::Worker), move |listener, token| async move {
         tether_worker::serve(config, listener, discovery, token).await.map_err(|e| e.to_string())
@@ -204,6 +214,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Mutual TLS on the internal plane: every node gets its own certificate from `authority`
+    /// (SANs: its id, `localhost`, `127.0.0.1`) and members advertise `https://` addresses.
+    pub fn tls(mut self, authority: Arc<Authority>) -> Self {
+        self.tls = Some(authority);
+        self
+    }
+
     /// Starts the nodes and waits until every edge is ready.
     pub async fn start(self) -> Cluster {
         tether_common::telemetry::init_for_test();
@@ -213,24 +230,27 @@ impl ClusterBuilder {
             .map(|i| {
                 let mut config = self.shard_config.clone();
                 config.id = Some(format!("shard-{i}"));
+                config.tls = self.tls.as_deref().map(|authority| node_tls(authority, &format!("shard-{i}")));
                 let discovery = shared.clone();
                 Node::spawn(format!("shard-{i}"), Some(NodeKind::Shard), move |listener, token| async move {
                     tether_shard::serve(config, listener, discovery, token).await.map_err(|e| e.to_string())
                 })
             })
             .collect();
-        let workers =
-            (0..self.workers).map(|i| spawn_worker(&self.worker_config, &shared, &format!("worker-{i}"))).collect();
+        let workers = (0..self.workers)
+            .map(|i| spawn_worker(&self.worker_config, self.tls.as_deref(), &shared, &format!("worker-{i}")))
+            .collect();
         let edges: Vec<Node> = (0..self.edges)
             .map(|i| {
-                let config = self.edge_config.clone();
+                let mut config = self.edge_config.clone();
+                config.tls = self.tls.as_deref().map(|authority| node_tls(authority, &format!("edge-{i}")));
                 let discovery = shared.clone();
                 Node::spawn(format!("edge-{i}"), None, move |listener, token| async move {
                     tether_edge::serve(config, listener, discovery, token).await.map_err(|e| e.to_string())
                 })
             })
             .collect();
-        let cluster = Cluster { discovery, edges, workers, shards, worker_config: self.worker_config };
+        let cluster = Cluster { discovery, edges, workers, shards, worker_config: self.worker_config, tls: self.tls };
         let http = reqwest::Client::new();
         for edge in &cluster.edges {
             let url = format!("{}/readyz", edge.url());

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tether_tests::agents::{self, AgentLog};
 use tether_tests::etcd::Etcd;
-use tether_tests::process::Process;
+use tether_tests::process::{Process, tether_bin};
 use tether_tests::wait;
 use tokio_util::sync::CancellationToken;
 
@@ -25,10 +25,18 @@ struct ProcessCluster {
     edge: Process,
     workers: Vec<Process>,
     _shards: Vec<Process>,
+    /// `tether certs` output when the internal plane speaks mutual TLS.
+    certs: Option<PathBuf>,
 }
 
 impl ProcessCluster {
     async fn start(name: &str) -> ProcessCluster {
+        ProcessCluster::start_with(name, false).await
+    }
+
+    /// With `tls`, `tether certs` makes a CA and a certificate per node first, and every node
+    /// runs with `--tls-cert/--tls-key/--tls-ca`.
+    async fn start_with(name: &str, tls: bool) -> ProcessCluster {
         tether_common::telemetry::init_for_test();
         let etcd = Etcd::start().await;
         let dir = std::env::temp_dir().join(format!("tether-processes-{name}-{}", std::process::id()));
@@ -41,7 +49,19 @@ impl ProcessCluster {
             edge: placeholder(),
             workers: Vec::new(),
             _shards: Vec::new(),
+            certs: None,
         };
+        if tls {
+            let certs = cluster.dir.join("certs");
+            let names = "edge,worker-0,worker-1,worker-2,shard-0,shard-1";
+            let status = std::process::Command::new(tether_bin())
+                .args(["certs", "--out", certs.to_str().unwrap(), "--names", names])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "tether certs: {status}");
+            cluster.certs = Some(certs);
+        }
         for i in 0..2 {
             let shard = cluster.spawn(&format!("shard-{i}"), &["shard", "--id", &format!("shard-{i}")]);
             cluster._shards.push(shard);
@@ -69,6 +89,12 @@ impl ProcessCluster {
         );
         for endpoint in self.etcd.endpoints() {
             all.extend(["--etcd".to_owned(), endpoint]);
+        }
+        if let Some(certs) = &self.certs {
+            let file = |name: &str| certs.join(name).to_str().unwrap().to_owned();
+            all.extend(["--tls-cert".to_owned(), file(&format!("{name}.pem"))]);
+            all.extend(["--tls-key".to_owned(), file(&format!("{name}.key"))]);
+            all.extend(["--tls-ca".to_owned(), file("ca.pem")]);
         }
         Process::start(name, &all, &self.dir)
     }
@@ -343,4 +369,52 @@ async fn a_frozen_worker_never_makes_two_owners() {
     assert_eq!(lost, 0);
     check_histories(&logs);
     agents::assert_stored(&cluster.edge.url(), &logs).await;
+}
+
+/// The internal plane with mutual TLS, real processes: certificates from `tether certs`, the
+/// TLS flags on every node, members advertised as `https://`; agent loops run, a worker drains
+/// (its hand-off and the replicas travel worker to worker over mTLS) and no turn fails.
+/// Half the flags, or a plaintext peer address in a TLS cluster, is a configuration error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_between_processes_serves_and_drains() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = ProcessCluster::start_with("mtls", true).await;
+    let certs = cluster.certs.clone().unwrap();
+    let view: serde_json::Value =
+        reqwest::get(format!("{}/v1/cluster", cluster.edge.url())).await.unwrap().json().await.unwrap();
+    let text = view.to_string();
+    assert!(text.contains("https://127.0.0.1:") && !text.contains("http://127.0.0.1:"), "{view}");
+
+    let stop = CancellationToken::new();
+    let agents = start_agents(cluster.ws_url(), 6, stop.clone());
+    run_turns(&cluster.edge, 40, "turns over mutual TLS").await;
+    let index = cluster.worker_index("worker-0");
+    let status = cluster.workers[index].terminate(Duration::from_secs(15));
+    assert!(status.success(), "worker-0 drained cleanly: {status}");
+    cluster.wait_for_members(2, 2).await;
+    run_turns(&cluster.edge, 30, "turns after the drain").await;
+    stop.cancel();
+    let logs = agents.await.unwrap();
+    let (turns, failures, lost) = summary(&logs);
+    println!("mtls: {turns} turns, {failures} failed, {lost} lost");
+    assert_eq!((failures, lost), (0, 0), "{:?}", logs.iter().flat_map(|l| &l.failures).collect::<Vec<_>>());
+    check_histories(&logs);
+    agents::assert_stored(&cluster.edge.url(), &logs).await;
+
+    let file = |name: &str| certs.join(name).to_str().unwrap().to_owned();
+    let (cert, key, ca) = (file("worker-0.pem"), file("worker-0.key"), file("ca.pem"));
+    let misconfigured: [Vec<&str>; 3] = [
+        vec!["worker", "--tls-cert", &cert],
+        vec!["worker", "--tls-cert", &cert, "--tls-key", &key],
+        vec!["worker", "--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca, "--shard-peer", "s=http://127.0.0.1:1"],
+    ];
+    for args in misconfigured {
+        let status = std::process::Command::new(tether_bin())
+            .args(&args)
+            .args(["--listen", "127.0.0.1:0"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(64), "{args:?}");
+    }
 }

@@ -7,6 +7,7 @@ use clap::Args;
 use crate::discovery::Member;
 use crate::discovery::fixed::parse_member;
 use crate::telemetry::LogFormat;
+use crate::tls::TlsArgs;
 
 #[derive(Clone, Debug, Args)]
 pub struct CommonArgs {
@@ -20,6 +21,9 @@ pub struct CommonArgs {
 
     #[command(flatten)]
     pub membership: MembershipArgs,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Where membership comes from: etcd when endpoints are given, else the fixed peer lists.

@@ -11,6 +11,7 @@ pub mod placement;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod tokenizer;
 pub mod tokens;
 

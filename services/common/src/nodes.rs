@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::discovery::{BoxFuture, Discovery, Member, Members, NodeKind};
 use crate::placement::{DEFAULT_VNODES, Ring};
+use crate::tls::Tls;
 
 pub const EJECTIONS: &str = "tether_node_ejections_total";
 pub const MEMBERSHIP_CHANGES: &str = "tether_node_membership_changes_total";
@@ -226,19 +227,30 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
     }
 }
 
-/// Opens a lazily connected, persistent gRPC channel to a node's address (`http://host:port`):
-/// no Nagle delay, a short connect timeout and HTTP/2 keep-alives that notice a dead peer.
-pub fn channel(addr: &str) -> Option<tonic::transport::Channel> {
-    Some(
-        tonic::transport::Endpoint::from_shared(addr.to_owned())
-            .ok()?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(1))
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy(),
-    )
+/// Opens a lazily connected, persistent gRPC channel to a node's address: no Nagle delay, a
+/// short connect timeout and HTTP/2 keep-alives that notice a dead peer. With `tls` the
+/// address must be `https://host:port`: the channel speaks mutual TLS (the node must present a
+/// certificate from the cluster CA for `host`, and this node presents its own); without, it
+/// must be `http://host:port`. `None` for an address that is not a URL of the plane's scheme.
+pub fn channel(addr: &str, tls: Option<&Tls>) -> Option<tonic::transport::Channel> {
+    if let Err(error) = crate::tls::check_url(addr, tls) {
+        tracing::warn!(%error, "node address unusable");
+        return None;
+    }
+    let mut endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+        .ok()?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(1))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client_config())
+            .inspect_err(|error| tracing::warn!(%error, addr, "TLS configuration refused"))
+            .ok()?;
+    }
+    Some(endpoint.connect_lazy())
 }
 
 #[cfg(test)]

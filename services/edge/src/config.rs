@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use tether_common::config::CommonArgs;
+use tether_common::tls::Tls;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum AuthMode {
@@ -76,6 +77,8 @@ pub struct EdgeConfig {
     pub ws_max_lifetime: Duration,
     pub load_factor: f64,
     pub shutdown_grace: Duration,
+    /// Mutual TLS on the edge's calls to workers (its client port stays plain HTTP).
+    pub tls: Option<Tls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +98,7 @@ impl EdgeConfig {
             ws_max_lifetime: Duration::from_secs(3600),
             load_factor: 1.25,
             shutdown_grace: Duration::from_secs(5),
+            tls: None,
         }
     }
 
@@ -116,6 +120,7 @@ impl EdgeConfig {
             ws_max_lifetime: limits.ws_max_lifetime,
             load_factor: limits.load_factor,
             shutdown_grace,
+            tls: None,
         })
     }
 }

@@ -27,7 +27,7 @@ pub async fn serve(
     crate::metrics::describe();
     let stop = CancellationToken::new();
     let readiness = Readiness::default();
-    let workers = WorkerPool::start(discovery.as_ref(), config.load_factor, stop.clone());
+    let workers = WorkerPool::start(discovery.as_ref(), config.load_factor, config.tls.clone(), stop.clone());
     let state = EdgeState::new(config.clone(), workers.clone(), discovery.watch(NodeKind::Shard), readiness.clone());
     let server = tokio::spawn(serve_router(listener, router(state.clone()), stop.clone()));
     tokio::spawn(become_ready(workers, readiness.clone(), stop.clone()));

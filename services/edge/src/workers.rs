@@ -9,6 +9,7 @@ use std::time::Duration;
 use tether_common::SessionKey;
 use tether_common::discovery::{Discovery, Members, NodeKind};
 use tether_common::nodes::NodeSet;
+use tether_common::tls::Tls;
 use tether_proto::worker::v1::ListModelsRequest;
 use tether_proto::worker::v1::worker_client::WorkerClient;
 use tokio_util::sync::CancellationToken;
@@ -51,12 +52,13 @@ pub struct WorkerPool {
 
 impl WorkerPool {
     /// Starts following worker membership until `stop`.
-    pub fn start(discovery: &dyn Discovery, load_factor: f64, stop: CancellationToken) -> Self {
+    /// Calls go over mutual TLS with `tls`.
+    pub fn start(discovery: &dyn Discovery, load_factor: f64, tls: Option<Tls>, stop: CancellationToken) -> Self {
         let nodes = NodeSet::start(
             discovery,
             NodeKind::Worker,
-            Arc::new(|member: &tether_common::discovery::Member| {
-                let client = WorkerClient::new(tether_common::nodes::channel(&member.addr)?)
+            Arc::new(move |member: &tether_common::discovery::Member| {
+                let client = WorkerClient::new(tether_common::nodes::channel(&member.addr, tls.as_ref())?)
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20);
                 Some(WorkerHandle { id: Arc::from(member.id.as_str()), client, active: Arc::default() })

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use tether_common::config::CommonArgs;
+use tether_common::tls::Tls;
 
 use crate::engine::sim::SimConfig;
 
@@ -244,6 +245,8 @@ pub struct ShardConfig {
     /// Runs the llama engine instead of the sim when set.
     pub llama: Option<LlamaConfig>,
     pub shutdown_grace: Duration,
+    /// Mutual TLS on this shard's port and on its calls to other shards.
+    pub tls: Option<Tls>,
 }
 
 impl ShardConfig {
@@ -256,6 +259,7 @@ impl ShardConfig {
             sim: SimArgs::default().into(),
             llama: None,
             shutdown_grace: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -263,7 +267,15 @@ impl ShardConfig {
 impl ShardConfig {
     /// A sim shard with default cache settings (the single-process cluster).
     pub fn from_sim(sim: SimArgs, shutdown_grace: Duration) -> Self {
-        ShardConfig { id: None, advertise: None, cache_tokens: 4_000_000, sim: sim.into(), llama: None, shutdown_grace }
+        ShardConfig {
+            id: None,
+            advertise: None,
+            cache_tokens: 4_000_000,
+            sim: sim.into(),
+            llama: None,
+            shutdown_grace,
+            tls: None,
+        }
     }
 
     /// A shard running the engine `engine` chooses (the sim's settings apply to the sim).
@@ -281,6 +293,8 @@ impl From<ShardArgs> for ShardConfig {
             sim: args.sim.into(),
             llama: args.engine.llama(),
             shutdown_grace: args.common.shutdown_grace,
+            // loaded and checked by the caller (`TlsArgs::load` reads files and can fail)
+            tls: None,
         }
     }
 }

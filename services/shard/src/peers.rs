@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tether_common::discovery::{BoxFuture, Discovery, Member, NodeKind};
 use tether_common::nodes::NodeSet;
+use tether_common::tls::Tls;
 use tether_proto::shard::v1::InfoRequest;
 use tether_proto::shard::v1::shard_client::ShardClient;
 use tokio_util::sync::CancellationToken;
@@ -26,9 +27,9 @@ pub struct ShardPeers {
 
 impl ShardPeers {
     /// Follows shard membership until `stop`.
-    pub fn start(discovery: &dyn Discovery, self_id: &str, stop: CancellationToken) -> Self {
-        let connect = Arc::new(|member: &Member| {
-            let channel = tether_common::nodes::channel(&member.addr)?;
+    pub fn start(discovery: &dyn Discovery, self_id: &str, tls: Option<Tls>, stop: CancellationToken) -> Self {
+        let connect = Arc::new(move |member: &Member| {
+            let channel = tether_common::nodes::channel(&member.addr, tls.as_ref())?;
             Some(
                 ShardClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

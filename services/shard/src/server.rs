@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tether_common::discovery::{Discovery, Member, NodeKind, membership};
 use tether_common::ops::{self, Readiness};
-use tether_common::serve::serve_router;
+use tether_common::serve::serve_internal;
 use tether_proto::shard::v1::shard_server::ShardServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +29,8 @@ pub async fn serve(
     crate::metrics::describe();
     let local = listener.local_addr()?;
     let id = config.id.clone().unwrap_or_else(|| format!("shard-{}", local.port()));
-    let addr = config.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
+    let scheme = tether_common::tls::scheme(config.tls.as_ref());
+    let addr = config.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
     let (engine, cache) = build_engine(&config).await?;
     let serving = Readiness::default();
 
@@ -37,7 +38,7 @@ pub async fn serve(
     // Membership is followed through the hand-off, until `serve` returns.
     let peers_stop = CancellationToken::new();
     let _peers_guard = peers_stop.clone().drop_guard();
-    let peers = ShardPeers::start(discovery.as_ref(), &id, peers_stop);
+    let peers = ShardPeers::start(discovery.as_ref(), &id, config.tls.clone(), peers_stop);
     let router = tonic::service::Routes::new(
         ShardServer::new(service.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -47,7 +48,11 @@ pub async fn serve(
     .merge(ops::router(serving.clone()));
 
     let stop_serving = CancellationToken::new();
-    let server = tokio::spawn(serve_router(listener, router, stop_serving.clone()));
+    let server = tokio::spawn({
+        let tls = config.tls.clone();
+        let stop = stop_serving.clone();
+        async move { serve_internal(listener, router, tls.as_ref(), stop).await }
+    });
     let member = Member { id: id.clone(), addr: addr.clone() };
     // A lost lease fences the shard (no generation) until it is registered again.
     let Some(registration) =

@@ -3,11 +3,13 @@
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use tether_common::config::CommonArgs;
 use tether_common::discovery::Discovery;
 use tether_common::discovery::fixed::FixedDiscovery;
 use tether_common::serve::bind;
 use tether_common::shutdown;
 use tether_common::telemetry::LogFormat;
+use tether_common::tls::{Tls, check_url};
 
 #[derive(Debug, Parser)]
 #[command(name = "tether", version, about = "A distributed, stateful inference router for agent loops")]
@@ -26,6 +28,8 @@ pub enum Command {
     Shard(tether_shard::ShardArgs),
     /// Run a whole cluster in this process: edge, 3 workers, 2 sim shards.
     Dev(crate::dev::DevArgs),
+    /// Make a dev CA (or reuse one) and node certificates for mutual TLS between nodes.
+    Certs(crate::certs::CertsArgs),
 }
 
 impl Command {
@@ -35,6 +39,7 @@ impl Command {
             Command::Worker(args) => args.common.log_format,
             Command::Shard(args) => args.common.log_format,
             Command::Dev(args) => args.log_format,
+            Command::Certs(_) => LogFormat::Plain,
         }
     }
 }
@@ -59,8 +64,22 @@ pub fn exit_code(error: &CliError) -> u8 {
     }
 }
 
+/// Loads the internal plane's TLS files (all three or none) and checks that every address
+/// this node is given speaks the plane's scheme: `https://` with TLS, `http://` without.
+fn tls(common: &CommonArgs, advertise: Option<&str>) -> Result<Option<Tls>, CliError> {
+    let tls = common.tls.load().map_err(|e| CliError::Config(e.to_string()))?;
+    let peers = common.membership.workers.iter().chain(&common.membership.shards).map(|m| m.addr.as_str());
+    for addr in peers.chain(advertise) {
+        check_url(addr, tls.as_ref()).map_err(|e| CliError::Config(e.to_string()))?;
+    }
+    if tls.is_some() {
+        tracing::info!("internal plane: mutual TLS");
+    }
+    Ok(tls)
+}
+
 /// Chooses membership: etcd when `--etcd` endpoints are given, else the fixed peer lists.
-async fn discovery(common: &tether_common::config::CommonArgs) -> Result<Arc<dyn Discovery>, CliError> {
+async fn discovery(common: &CommonArgs) -> Result<Arc<dyn Discovery>, CliError> {
     let membership = &common.membership;
     if membership.etcd_endpoints.is_empty() {
         return Ok(Arc::new(FixedDiscovery::new(membership.workers.clone(), membership.shards.clone())));
@@ -82,9 +101,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     let shutdown = shutdown::signal();
     match cli.command {
         Command::Edge(args) => {
+            let tls = tls(&args.common, None)?;
             let discovery = discovery(&args.common).await?;
             let listener = bind(args.listen).await.map_err(CliError::Bind)?;
-            let config = tether_edge::EdgeConfig::try_from(args).map_err(|e| CliError::Config(e.to_string()))?;
+            let mut config = tether_edge::EdgeConfig::try_from(args).map_err(|e| CliError::Config(e.to_string()))?;
+            config.tls = tls;
             tracing::info!(addr = %listener.local_addr().map_err(CliError::Bind)?, "edge listening");
             tether_edge::serve(config, listener, discovery, shutdown).await.map_err(|e| match e {
                 tether_edge::EdgeError::ShutdownDeadline => CliError::ShutdownDeadline,
@@ -92,23 +113,28 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             })
         }
         Command::Worker(args) => {
+            let tls = tls(&args.common, args.advertise.as_deref())?;
             let discovery = discovery(&args.common).await?;
             let listener = bind(args.listen).await.map_err(CliError::Bind)?;
             tracing::info!(addr = %listener.local_addr().map_err(CliError::Bind)?, "worker listening");
-            tether_worker::serve(args.into(), listener, discovery, shutdown).await.map_err(|e| match e {
+            let config = tether_worker::WorkerConfig { tls, ..args.into() };
+            tether_worker::serve(config, listener, discovery, shutdown).await.map_err(|e| match e {
                 tether_worker::WorkerError::ShutdownDeadline => CliError::ShutdownDeadline,
                 other => CliError::Service(other.to_string()),
             })
         }
         Command::Shard(args) => {
+            let tls = tls(&args.common, args.advertise.as_deref())?;
             let discovery = discovery(&args.common).await?;
             let listener = bind(args.listen).await.map_err(CliError::Bind)?;
             tracing::info!(addr = %listener.local_addr().map_err(CliError::Bind)?, "shard listening");
-            tether_shard::serve(args.into(), listener, discovery, shutdown).await.map_err(|e| match e {
+            let config = tether_shard::ShardConfig { tls, ..args.into() };
+            tether_shard::serve(config, listener, discovery, shutdown).await.map_err(|e| match e {
                 tether_shard::ShardError::ShutdownDeadline => CliError::ShutdownDeadline,
                 other => CliError::Service(other.to_string()),
             })
         }
         Command::Dev(args) => crate::dev::run(args, shutdown).await,
+        Command::Certs(args) => crate::certs::run(&args),
     }
 }

@@ -12,6 +12,7 @@ use tether_common::discovery::Discovery;
 use tether_common::discovery::memory::MemoryDiscovery;
 use tether_common::serve::bind;
 use tether_common::telemetry::LogFormat;
+use tether_common::tls::{Authority, Tls};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +48,11 @@ pub struct DevArgs {
     /// One deadline for a graceful shutdown.
     #[arg(long, env = "TETHER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
+
+    /// Mutual TLS between the nodes too (a CA and certificates made in memory at start); the
+    /// internal plane is plaintext on loopback otherwise. The Responses API stays plain HTTP.
+    #[arg(long, env = "TETHER_DEV_TLS")]
+    pub tls: bool,
 }
 
 pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliError> {
@@ -57,6 +63,14 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
             llama.model_path.display()
         )));
     }
+    let authority = match args.tls {
+        true => Some(Authority::generate().map_err(|e| CliError::Config(e.to_string()))?),
+        false => None,
+    };
+    let node_tls = |id: &str| -> Result<Option<Tls>, CliError> {
+        let sans = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+        authority.as_ref().map(|ca| ca.node_tls(id, &sans)).transpose().map_err(|e| CliError::Config(e.to_string()))
+    };
     let discovery: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::new());
     let internal = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     let mut nodes = JoinSet::new();
@@ -64,6 +78,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
         let listener = bind(internal).await.map_err(CliError::Bind)?;
         let mut config = tether_shard::ShardConfig::from_engine(args.sim.clone(), &args.engine, args.shutdown_grace);
         config.id = Some(format!("shard-{index}"));
+        config.tls = node_tls(&format!("shard-{index}"))?;
         if let (Some(llama), None) = (config.llama.as_mut(), args.engine.threads) {
             llama.threads = (llama.threads / args.shards.max(1) as u32).max(1); // share the cores
         }
@@ -76,6 +91,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
         let listener = bind(internal).await.map_err(CliError::Bind)?;
         let mut config = tether_worker::WorkerConfig::for_test();
         config.id = Some(format!("worker-{index}"));
+        config.tls = node_tls(&format!("worker-{index}"))?;
         config.shutdown_grace = args.shutdown_grace;
         if let Some(llama) = args.engine.llama() {
             config.default_model = llama.model_name.clone();
@@ -86,9 +102,10 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
             tether_worker::serve(config, listener, discovery, shutdown).await.map_err(|e| e.to_string())
         });
     }
-    let edge_config =
+    let mut edge_config =
         tether_edge::EdgeConfig::from_limits(args.limits, args.shutdown_grace, tether_edge::config::AuthMode::Open)
             .map_err(|e| CliError::Config(e.to_string()))?;
+    edge_config.tls = node_tls("edge")?;
     let listener = bind(args.listen).await.map_err(CliError::Bind)?;
     let addr = listener.local_addr().map_err(CliError::Bind)?;
     tracing::info!(%addr, workers = args.workers, shards = args.shards, "tether dev listening");

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use tether_common::config::CommonArgs;
+use tether_common::tls::Tls;
 
 use crate::replication::ReplicationMode;
 use crate::session::CacheLimits;
@@ -82,6 +83,8 @@ pub struct WorkerConfig {
     /// Models served by llama shards and their GGUF files.
     pub llama_models: Vec<(String, PathBuf)>,
     pub shutdown_grace: Duration,
+    /// Mutual TLS on this worker's port and on its calls to workers and shards.
+    pub tls: Option<Tls>,
 }
 
 impl WorkerConfig {
@@ -95,6 +98,7 @@ impl WorkerConfig {
             replication: ReplicationMode::Sync,
             llama_models: Vec::new(),
             shutdown_grace: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -110,6 +114,8 @@ impl From<WorkerArgs> for WorkerConfig {
             replication: args.replication,
             llama_models: args.llama_models,
             shutdown_grace: args.common.shutdown_grace,
+            // loaded and checked by the caller (`TlsArgs::load` reads files and can fail)
+            tls: None,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tether_common::discovery::{Discovery, Member, NodeKind};
 use tether_common::nodes::NodeSet;
+use tether_common::tls::Tls;
 use tether_proto::worker::v1::ListModelsRequest;
 use tether_proto::worker::v1::worker_client::WorkerClient;
 use tokio_util::sync::CancellationToken;
@@ -20,9 +21,9 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn start(discovery: &dyn Discovery, self_id: &str, stop: CancellationToken) -> Self {
-        let connect = Arc::new(|member: &Member| {
-            let channel = tether_common::nodes::channel(&member.addr)?;
+    pub fn start(discovery: &dyn Discovery, self_id: &str, tls: Option<Tls>, stop: CancellationToken) -> Self {
+        let connect = Arc::new(move |member: &Member| {
+            let channel = tether_common::nodes::channel(&member.addr, tls.as_ref())?;
             Some(WorkerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
         });
         let probe = Arc::new(|mut client: PeerClient| -> tether_common::discovery::BoxFuture<'static, bool> {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tether_common::discovery::{Discovery, Member, NodeKind, membership};
 use tether_common::ops::{self, Readiness};
-use tether_common::serve::serve_router;
+use tether_common::serve::serve_internal;
 use tether_proto::worker::v1::worker_server::WorkerServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,8 @@ pub async fn serve(
     discovery: Arc<dyn Discovery>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    serve_with(config, listener, discovery, grpc_connector(), shutdown).await
+    let connector = grpc_connector(config.tls.clone());
+    serve_with(config, listener, discovery, connector, shutdown).await
 }
 
 /// [`serve`] with a chosen shard connector (tests wrap shards with faults).
@@ -42,7 +43,8 @@ pub async fn serve_with(
     crate::metrics::describe();
     let local = listener.local_addr()?;
     let id = config.id.clone().unwrap_or_else(|| format!("worker-{}", local.port()));
-    let addr = config.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
+    let scheme = tether_common::tls::scheme(config.tls.as_ref());
+    let addr = config.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
     let renderer = Renderers::load(&config.llama_models)?;
     let stop = CancellationToken::new();
     let serving = Readiness::default();
@@ -54,7 +56,7 @@ pub async fn serve_with(
         classifier: Arc::new(PatternClassifier::with_defaults(&config.safety_patterns)),
         default_model: config.default_model.clone(),
         serving: serving.clone(),
-        peers: Peers::start(discovery.as_ref(), &id, stop.clone()),
+        peers: Peers::start(discovery.as_ref(), &id, config.tls.clone(), stop.clone()),
         replication: config.replication,
     });
     let service = WorkerServer::new(WorkerService::new(ctx.clone()))
@@ -62,7 +64,11 @@ pub async fn serve_with(
         .max_encoding_message_size(256 << 20);
     let router = tonic::service::Routes::new(service).into_axum_router().merge(ops::router(serving.clone()));
     let stop_accepting = CancellationToken::new();
-    let server = tokio::spawn(serve_router(listener, router, stop_accepting.clone()));
+    let server = tokio::spawn({
+        let tls = config.tls.clone();
+        let stop = stop_accepting.clone();
+        async move { serve_internal(listener, router, tls.as_ref(), stop).await }
+    });
     let member = Member { id: id.clone(), addr: addr.clone() };
     // Serve until shutdown; a lost lease fences the worker (no turns) until re-registered.
     let fenced = || metrics::counter!(crate::metrics::FENCED).increment(1);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use tether_common::discovery::BoxFuture;
+use tether_common::tls::Tls;
 use tether_proto::shard::v1::shard_client::ShardClient;
 use tether_proto::shard::v1::{GenerateRequest, InfoRequest};
 use tonic::Status;
@@ -18,9 +19,10 @@ pub struct GrpcShard {
 }
 
 impl GrpcShard {
-    /// Creates the channel (connected on first use) and asks the shard for its models.
-    pub fn connect(id: &str, addr: &str) -> Self {
-        let channel = tether_common::nodes::channel(addr).expect("member addresses are URLs");
+    /// Creates the channel (connected on first use) and asks the shard for its models;
+    /// `None` if `addr` is not a URL of the plane's scheme.
+    pub fn connect(id: &str, addr: &str, tls: Option<&Tls>) -> Option<Self> {
+        let channel = tether_common::nodes::channel(addr, tls)?;
         let client = ShardClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
         let models = Arc::new(RwLock::new(Vec::new()));
         let (mut info_client, info_models, id) = (client.clone(), models.clone(), id.to_owned());
@@ -39,7 +41,7 @@ impl GrpcShard {
                 }
             }
         });
-        GrpcShard { client, models }
+        Some(GrpcShard { client, models })
     }
 }
 

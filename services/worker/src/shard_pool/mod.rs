@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tether_common::discovery::{BoxFuture, Discovery, Member, NodeKind};
 use tether_common::nodes::NodeSet;
+use tether_common::tls::Tls;
 use tether_proto::shard::v1::{GenerateChunk, GenerateRequest};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +30,8 @@ pub trait ShardApi: Send + Sync + 'static {
 }
 
 /// Builds the client of a shard member; the default dials gRPC.
-pub type ShardConnector = Arc<dyn Fn(&str, &str) -> Arc<dyn ShardApi> + Send + Sync>;
+/// `None` for an address it cannot dial (not a URL of the plane's scheme).
+pub type ShardConnector = Arc<dyn Fn(&str, &str) -> Option<Arc<dyn ShardApi>> + Send + Sync>;
 
 /// The shards, as a [`NodeSet`]: a session's shard is its owner on the shard ring, so its
 /// KV cache stays warm there.
@@ -41,7 +43,7 @@ pub struct ShardPool {
 impl ShardPool {
     /// Starts following shard membership until `stop`.
     pub fn start(discovery: &dyn Discovery, connector: ShardConnector, stop: CancellationToken) -> Self {
-        let connect = Arc::new(move |member: &Member| Some(connector(&member.id, &member.addr)));
+        let connect = Arc::new(move |member: &Member| connector(&member.id, &member.addr));
         let probe = Arc::new(|shard: Arc<dyn ShardApi>| -> BoxFuture<'static, bool> {
             Box::pin(async move { shard.probe().await })
         });
@@ -79,7 +81,9 @@ impl ShardPool {
     }
 }
 
-/// Returns the connector that dials shards over gRPC.
-pub fn grpc_connector() -> ShardConnector {
-    Arc::new(|id: &str, addr: &str| Arc::new(GrpcShard::connect(id, addr)) as Arc<dyn ShardApi>)
+/// Returns the connector that dials shards over gRPC (mutual TLS with `tls`).
+pub fn grpc_connector(tls: Option<Tls>) -> ShardConnector {
+    Arc::new(move |id: &str, addr: &str| {
+        GrpcShard::connect(id, addr, tls.as_ref()).map(|shard| Arc::new(shard) as Arc<dyn ShardApi>)
+    })
 }
