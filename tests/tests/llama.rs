@@ -479,4 +479,34 @@ async fn a_session_exported_from_one_llama_shard_continues_on_another_with_its_k
         .expect("export of an unknown session")
         .into_inner();
     assert!(!unknown.found);
+
+    info!("--- issue 11: a truncated or forged state is an error, never an abort");
+    let state = &exported.state;
+    let mut forged_row = state.clone();
+    let last = forged_row.len() - 1;
+    forged_row[last / 2..last / 2 + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    for (what, bad) in [
+        ("cut by one byte", state[..state.len() - 1].to_vec()),
+        ("cut in half", state[..state.len() / 2].to_vec()),
+        ("one byte longer", [state.as_slice(), &[0]].concat()),
+        ("garbage", vec![0x5a; state.len()]),
+        ("forged in the middle", forged_row),
+    ] {
+        let refused = target
+            .import_session(tonic::Request::new(ImportSessionRequest {
+                session: session + 3,
+                model: exported.model.clone(),
+                tokens: exported.tokens.clone(),
+                state: bad,
+            }))
+            .await
+            .expect_err(what);
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{what}");
+    }
+    let still = target
+        .export_session(tonic::Request::new(ExportSessionRequest { session }))
+        .await
+        .expect("the shard still serves")
+        .into_inner();
+    assert!(still.found, "the imported session is still held");
 }

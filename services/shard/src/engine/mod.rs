@@ -7,6 +7,8 @@
 pub mod llama;
 pub mod sim;
 pub mod sim_tools;
+#[cfg(any(feature = "llama", test))]
+pub mod state_format;
 
 use std::collections::HashMap;
 use std::time::Duration;
