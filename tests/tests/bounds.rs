@@ -32,7 +32,8 @@ async fn issue_11_a_huge_sim_output_hint_is_refused_and_the_process_lives() {
                       "metadata":{"tether_sim_output_tokens":"4294967295"}});
     let (status, reply) = post(&http, &cluster.url(), body).await;
     assert_invalid(status, &reply, "invalid_request", "metadata.tether_sim_output_tokens");
-    let (status, reply) = post(&http, &cluster.url(), json!({"input":"x","metadata":{"tether_sim_tool_calls":"-1"}})).await;
+    let (status, reply) =
+        post(&http, &cluster.url(), json!({"input":"x","metadata":{"tether_sim_tool_calls":"-1"}})).await;
     assert_invalid(status, &reply, "invalid_request", "metadata.tether_sim_tool_calls");
     // At the cap, the answer is cut by max_output_tokens, generated lazily.
     let body = json!({"input":"x","max_output_tokens":2,"metadata":{"tether_sim_output_tokens":"65536"}});
@@ -93,8 +94,7 @@ async fn refused_for_the_window(http: &reqwest::Client, base: &str, body: Value)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_past_the_context_window_is_refused_before_the_shard_works() {
-    let cluster =
-        Cluster::builder().workers(1).shards(1).shard_config(|c| c.sim.context_window = 300).start().await;
+    let cluster = Cluster::builder().workers(1).shards(1).shard_config(|c| c.sim.context_window = 300).start().await;
     let http = reqwest::Client::new();
     let long = "tok ".repeat(400);
     let reply = refused_for_the_window(&http, &cluster.url(), json!({"input": long})).await;
@@ -113,8 +113,7 @@ async fn a_prompt_past_the_context_window_is_refused_before_the_shard_works() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncation_auto_drops_the_oldest_items_and_disabled_refuses() {
-    let cluster =
-        Cluster::builder().workers(1).shards(1).shard_config(|c| c.sim.context_window = 400).start().await;
+    let cluster = Cluster::builder().workers(1).shards(1).shard_config(|c| c.sim.context_window = 400).start().await;
     let http = reqwest::Client::new();
     let turn = |text: &str| json!({"input": text.repeat(120), "max_output_tokens": 8, "instructions": "Be brief."});
     let (status, first) = post(&http, &cluster.url(), turn("alpha ")).await;
@@ -148,4 +147,36 @@ async fn truncation_auto_drops_the_oldest_items_and_disabled_refuses() {
     .await;
     assert_eq!(status, 200, "{fourth}");
     assert!(cached_tokens(&fourth) > 0, "the truncated prompt is the shard's cached prefix: {fourth}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_past_its_prefill_budget_gets_429_and_other_tenants_do_not() {
+    let cluster = Cluster::builder()
+        .workers(1)
+        .shards(1)
+        .edge_config(|c| {
+            c.auth = tether_edge::config::AuthMode::Keys;
+            c.api_keys =
+                [("sk-alpha".to_owned(), "alpha".to_owned()), ("sk-beta".to_owned(), "beta".to_owned())].into();
+        })
+        // One token a second: nothing refills while the test runs.
+        .worker_config(|c| c.prefill_limit = tether_worker::budget::PrefillLimit { tokens_per_second: 1, burst: 50 })
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let send = |key: &'static str, body: Value| {
+        let request = http.post(format!("{}/v1/responses", cluster.url())).bearer_auth(key).json(&body);
+        async move {
+            let reply = request.send().await.unwrap();
+            (reply.status().as_u16(), reply.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, first) = send("sk-alpha", json!({"input": "tok ".repeat(100)})).await;
+    assert_eq!(status, 200, "the first turn fits the burst: {first}");
+    let (status, refused) = send("sk-alpha", json!({"input": "more", "previous_response_id": first["id"]})).await;
+    assert_eq!(status, 429, "{refused}");
+    assert_eq!(refused["error"]["type"], "rate_limit_error", "{refused}");
+    assert_eq!(refused["error"]["code"], "rate_limit_exceeded", "{refused}");
+    let (status, other) = send("sk-beta", json!({"input": "hello"})).await;
+    assert_eq!(status, 200, "another tenant has its own budget: {other}");
 }

@@ -482,15 +482,18 @@ async fn a_session_exported_from_one_llama_shard_continues_on_another_with_its_k
 
     info!("--- issue 11: a truncated or forged state is an error, never an abort");
     let state = &exported.state;
+    // The first layer's key row size, after the header, the tokens, the stream and cell
+    // counts, the cells, the four layout words and the key type: a size that overflows.
+    let cells = exported.tokens.len();
+    let first_row = 12 + 4 * cells + 8 + 12 * cells + 16 + 4;
     let mut forged_row = state.clone();
-    let last = forged_row.len() - 1;
-    forged_row[last / 2..last / 2 + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    forged_row[first_row..first_row + 8].copy_from_slice(&u64::MAX.to_le_bytes());
     for (what, bad) in [
         ("cut by one byte", state[..state.len() - 1].to_vec()),
         ("cut in half", state[..state.len() / 2].to_vec()),
         ("one byte longer", [state.as_slice(), &[0]].concat()),
         ("garbage", vec![0x5a; state.len()]),
-        ("forged in the middle", forged_row),
+        ("a forged row size", forged_row),
     ] {
         let refused = target
             .import_session(tonic::Request::new(ImportSessionRequest {

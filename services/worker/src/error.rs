@@ -15,6 +15,8 @@ pub enum WorkerError {
     ModelNotFound(String),
     #[error("The input was flagged by the safety classifier (category: {0}).")]
     Flagged(String),
+    #[error("{0}")]
+    RateLimited(String),
     #[error("no shard is available")]
     NoShard,
     #[error("shard failed: {0}")]
@@ -45,6 +47,7 @@ impl WorkerError {
             | WorkerError::ModelNotFound(_)
             | WorkerError::Flagged(_) => ErrorClass::InvalidRequest,
             WorkerError::ResponseNotFound(_) => ErrorClass::NotFound,
+            WorkerError::RateLimited(_) => ErrorClass::Overloaded,
             WorkerError::NoShard => ErrorClass::ShardUnavailable,
             WorkerError::Shard(status) => match ErrorClass::from_status(status) {
                 ErrorClass::Unavailable => ErrorClass::ShardUnavailable,

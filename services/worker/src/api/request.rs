@@ -85,16 +85,14 @@ impl CreateRequest {
         let parallel_tool_calls = optional_bool(&body, "parallel_tool_calls")?.unwrap_or(true);
         let max_output_tokens = match body.get("max_output_tokens") {
             None | Some(Value::Null) => None,
-            Some(value) => {
-                Some(value.as_u64().filter(|n| (1..=u64::from(limits::MAX_OUTPUT_TOKENS)).contains(n)).ok_or_else(
-                    || {
-                        WorkerError::invalid(
-                            "max_output_tokens",
-                            format!("'max_output_tokens' must be an integer from 1 to {}.", limits::MAX_OUTPUT_TOKENS),
-                        )
-                    },
-                )? as u32)
-            }
+            Some(value) => Some(
+                value.as_u64().filter(|n| (1..=u64::from(limits::MAX_OUTPUT_TOKENS)).contains(n)).ok_or_else(|| {
+                    WorkerError::invalid(
+                        "max_output_tokens",
+                        format!("'max_output_tokens' must be an integer from 1 to {}.", limits::MAX_OUTPUT_TOKENS),
+                    )
+                })? as u32,
+            ),
         };
         let temperature = optional_number(&body, "temperature", 0.0, 2.0)?;
         let top_p = optional_number(&body, "top_p", 0.0, 1.0)?;
@@ -159,10 +157,8 @@ fn optional_number(body: &Map<String, Value>, field: &str, min: f64, max: f64) -
 }
 
 /// The sim engine's hints, read from `metadata`, and the largest value each accepts.
-const SIM_HINTS: &[(&str, u32, u32)] = &[
-    ("tether_sim_output_tokens", 1, limits::SIM_OUTPUT_TOKENS),
-    ("tether_sim_tool_calls", 0, limits::SIM_TOOL_CALLS),
-];
+const SIM_HINTS: &[(&str, u32, u32)] =
+    &[("tether_sim_output_tokens", 1, limits::SIM_OUTPUT_TOKENS), ("tether_sim_tool_calls", 0, limits::SIM_TOOL_CALLS)];
 
 /// Checks `metadata` against OpenAI's limits (16 pairs, keys of at most 64 and values of at
 /// most 512 characters) and the sim's hints against their ranges.

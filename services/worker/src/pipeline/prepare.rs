@@ -173,6 +173,15 @@ pub fn prepare(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) 
             full = true;
         }
     }
+    // 6. The tenant's prefill budget: what this turn makes the shard prefill.
+    let uncached = new_tokens.len() as u32;
+    if let Err(wait) = ctx.prefill_budget.charge(&turn.tenant, uncached, std::time::Instant::now()) {
+        metrics::counter!(m::PREFILL_BUDGET_REFUSED).increment(1);
+        return Err(WorkerError::RateLimited(format!(
+            "Rate limit reached for prompt tokens: this tenant's prefill budget is spent. Try again in {} ms.",
+            wait.as_millis().max(1)
+        )));
+    }
     metrics::counter!(m::RENDERED_TOKENS, "path" => if full { "full" } else { "incremental" })
         .increment(new_tokens.len() as u64);
 
