@@ -479,4 +479,37 @@ async fn a_session_exported_from_one_llama_shard_continues_on_another_with_its_k
         .expect("export of an unknown session")
         .into_inner();
     assert!(!unknown.found);
+
+    info!("--- issue 11: a truncated or forged state is an error, never an abort");
+    let state = &exported.state;
+    // The first layer's key row size, after the header, the tokens, the stream and cell
+    // counts, the cells, the four layout words and the key type: a size that overflows.
+    let cells = exported.tokens.len();
+    let first_row = 12 + 4 * cells + 8 + 12 * cells + 16 + 4;
+    let mut forged_row = state.clone();
+    forged_row[first_row..first_row + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    for (what, bad) in [
+        ("cut by one byte", state[..state.len() - 1].to_vec()),
+        ("cut in half", state[..state.len() / 2].to_vec()),
+        ("one byte longer", [state.as_slice(), &[0]].concat()),
+        ("garbage", vec![0x5a; state.len()]),
+        ("a forged row size", forged_row),
+    ] {
+        let refused = target
+            .import_session(tonic::Request::new(ImportSessionRequest {
+                session: session + 3,
+                model: exported.model.clone(),
+                tokens: exported.tokens.clone(),
+                state: bad,
+            }))
+            .await
+            .expect_err(what);
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{what}");
+    }
+    let still = target
+        .export_session(tonic::Request::new(ExportSessionRequest { session }))
+        .await
+        .expect("the shard still serves")
+        .into_inner();
+    assert!(still.found, "the imported session is still held");
 }

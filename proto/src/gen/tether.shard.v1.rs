@@ -163,6 +163,10 @@ pub struct InfoResponse {
     pub cache_hits: u64,
     #[prost(uint64, tag = "10")]
     pub cache_misses: u64,
+    /// Tokens one session can hold, prompt plus output: the served model's context window.
+    /// The worker refuses a turn that would not fit before it reaches the shard.
+    #[prost(uint32, tag = "11")]
+    pub context_window: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

@@ -5,6 +5,7 @@ pub mod config;
 pub mod discovery;
 pub mod error_code;
 pub mod ids;
+pub mod limits;
 pub mod nodes;
 pub mod ops;
 pub mod placement;

@@ -207,6 +207,16 @@ pub struct SimArgs {
         help_heading = "Sim engine"
     )]
     pub output_tokens: u32,
+
+    /// The sim model's context window in tokens (prompt plus output); a longer prompt is
+    /// refused with `context_length_exceeded`. The default is a real small model's (32k).
+    #[arg(
+        long = "sim-context-window",
+        env = "TETHER_SIM_CONTEXT_WINDOW",
+        default_value_t = 32_768,
+        help_heading = "Sim engine"
+    )]
+    pub context_window: u32,
 }
 
 impl Default for SimArgs {
@@ -218,6 +228,7 @@ impl Default for SimArgs {
             decode_tokens_per_second: 1000.0,
             slots: 64,
             output_tokens: 32,
+            context_window: 32_768,
         }
     }
 }
@@ -231,6 +242,7 @@ impl From<SimArgs> for SimConfig {
             decode_interval: Duration::from_nanos((1e9 / args.decode_tokens_per_second.max(1.0)) as u64),
             slots: args.slots.max(1),
             output_tokens: args.output_tokens,
+            context_window: args.context_window.max(1),
         }
     }
 }

@@ -213,6 +213,7 @@ impl Shard for ShardService {
             cache_sessions: stats.sessions,
             cache_hits: stats.hits,
             cache_misses: stats.misses,
+            context_window: self.engine.context_window(),
         }))
     }
 }

@@ -39,6 +39,14 @@ pub async fn import(engine: &dyn Engine, cache: &KvCache, request: ImportSession
     if !engine.models().contains(&request.model) {
         return Err(ShardError::IncompatibleState(format!("model {:?} is not served by this shard", request.model)));
     }
+    // A session longer than this engine's window cannot be held here, whatever its state says.
+    let window = engine.context_window() as usize;
+    if request.tokens.len() > window {
+        return Err(ShardError::IncompatibleState(format!(
+            "{} tokens; this shard's context window is {window}",
+            request.tokens.len()
+        )));
+    }
     let held = request.tokens.len() as u32;
     engine.import_session(request.session, request.tokens.clone(), request.state).await?;
     cache.import(request.session, request.tokens);
@@ -97,4 +105,38 @@ pub async fn hand_off(engine: &dyn Engine, cache: &KvCache, peers: &ShardPeers, 
         "sessions handed off"
     );
     moved
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tether_proto::shard::v1::ImportSessionRequest;
+
+    use crate::engine::sim::{SimConfig, SimEngine};
+    use crate::error::ShardError;
+    use crate::kv_cache::KvCache;
+
+    #[tokio::test]
+    async fn an_import_longer_than_the_window_is_refused() {
+        let engine = SimEngine::new(SimConfig {
+            models: vec!["tether-sim".into()],
+            ttft_base: Duration::ZERO,
+            prefill_per_token: Duration::ZERO,
+            decode_interval: Duration::ZERO,
+            slots: 1,
+            output_tokens: 8,
+            context_window: 16,
+        });
+        let cache = KvCache::new(1_000);
+        let request = |tokens: u32| ImportSessionRequest {
+            session: 1,
+            model: "tether-sim".into(),
+            tokens: (0..tokens).collect(),
+            state: Vec::new(),
+        };
+        let error = super::import(&engine, &cache, request(17)).await.unwrap_err();
+        assert!(matches!(error, ShardError::IncompatibleState(_)), "{error:?}");
+        assert_eq!(super::import(&engine, &cache, request(16)).await.unwrap(), 16);
+    }
 }

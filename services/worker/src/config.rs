@@ -8,6 +8,7 @@ use clap::Args;
 use tether_common::config::CommonArgs;
 use tether_common::tls::Tls;
 
+use crate::budget::PrefillLimit;
 use crate::replication::ReplicationMode;
 use crate::session::CacheLimits;
 
@@ -54,6 +55,25 @@ pub struct WorkerArgs {
     #[arg(long = "llama-model", env = "TETHER_WORKER_LLAMA_MODELS", value_delimiter = ';', value_parser = parse_llama_model)]
     pub llama_models: Vec<(String, PathBuf)>,
 
+    /// Uncached prompt tokens one tenant may have shards prefill per second; a tenant past
+    /// its budget gets `rate_limit_exceeded` (HTTP 429) until it refills.
+    #[arg(
+        long = "tenant-prefill-tokens-per-second",
+        env = "TETHER_WORKER_TENANT_PREFILL_TOKENS_PER_SECOND",
+        default_value_t = 10_000_000,
+        help_heading = "Limits"
+    )]
+    pub tenant_prefill_tokens_per_second: u32,
+
+    /// Uncached prompt tokens one tenant may send at once before the per-second budget applies.
+    #[arg(
+        long = "tenant-prefill-burst",
+        env = "TETHER_WORKER_TENANT_PREFILL_BURST",
+        default_value_t = 20_000_000,
+        help_heading = "Limits"
+    )]
+    pub tenant_prefill_burst: u32,
+
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -82,6 +102,8 @@ pub struct WorkerConfig {
     pub replication: ReplicationMode,
     /// Models served by llama shards and their GGUF files.
     pub llama_models: Vec<(String, PathBuf)>,
+    /// The per-tenant budget of uncached prefill tokens.
+    pub prefill_limit: PrefillLimit,
     pub shutdown_grace: Duration,
     /// Mutual TLS on this worker's port and on its calls to workers and shards.
     pub tls: Option<Tls>,
@@ -97,6 +119,7 @@ impl WorkerConfig {
             safety_patterns: Vec::new(),
             replication: ReplicationMode::Sync,
             llama_models: Vec::new(),
+            prefill_limit: PrefillLimit { tokens_per_second: 10_000_000, burst: 20_000_000 },
             shutdown_grace: Duration::from_secs(5),
             tls: None,
         }
@@ -113,6 +136,10 @@ impl From<WorkerArgs> for WorkerConfig {
             safety_patterns: args.safety_patterns,
             replication: args.replication,
             llama_models: args.llama_models,
+            prefill_limit: PrefillLimit {
+                tokens_per_second: args.tenant_prefill_tokens_per_second,
+                burst: args.tenant_prefill_burst,
+            },
             shutdown_grace: args.common.shutdown_grace,
             // loaded and checked by the caller (`TlsArgs::load` reads files and can fail)
             tls: None,

@@ -15,6 +15,8 @@ pub enum WorkerError {
     ModelNotFound(String),
     #[error("The input was flagged by the safety classifier (category: {0}).")]
     Flagged(String),
+    #[error("{0}")]
+    RateLimited(String),
     #[error("no shard is available")]
     NoShard,
     #[error("shard failed: {0}")]
@@ -45,6 +47,7 @@ impl WorkerError {
             | WorkerError::ModelNotFound(_)
             | WorkerError::Flagged(_) => ErrorClass::InvalidRequest,
             WorkerError::ResponseNotFound(_) => ErrorClass::NotFound,
+            WorkerError::RateLimited(_) => ErrorClass::Overloaded,
             WorkerError::NoShard => ErrorClass::ShardUnavailable,
             WorkerError::Shard(status) => match ErrorClass::from_status(status) {
                 ErrorClass::Unavailable => ErrorClass::ShardUnavailable,
@@ -68,6 +71,11 @@ impl WorkerError {
             WorkerError::ResponseNotFound(_) => ("invalid_request_error", "not_found", ""),
             WorkerError::ModelNotFound(_) => ("invalid_request_error", "model_not_found", "model"),
             WorkerError::Flagged(_) => ("invalid_request_error", "invalid_prompt", "input"),
+            // A shard refused the job itself (e.g. a prompt past its window that the worker
+            // could not check yet): the client's request, in the protocol's shape.
+            WorkerError::Shard(_) if class == ErrorClass::InvalidRequest => {
+                ("invalid_request_error", "invalid_request", "")
+            }
             _ if class == ErrorClass::Overloaded => ("rate_limit_error", "rate_limit_exceeded", ""),
             _ => ("server_error", "server_error", ""),
         };
@@ -92,5 +100,22 @@ impl WorkerError {
 impl From<WorkerError> for tonic::Status {
     fn from(error: WorkerError) -> Self {
         tonic::Status::new(error.class().grpc_code(), error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WorkerError;
+
+    #[test]
+    fn a_request_the_shard_refused_is_an_invalid_request_error() {
+        let error = WorkerError::Shard(tonic::Status::invalid_argument("the prompt needs 9 tokens of context"));
+        let api = error.api_error();
+        assert_eq!(
+            (api.status, api.r#type.as_str(), api.code.as_str()),
+            (400, "invalid_request_error", "invalid_request")
+        );
+        let failed = WorkerError::Shard(tonic::Status::internal("bug")).api_error();
+        assert_eq!((failed.status, failed.r#type.as_str()), (500, "server_error"));
     }
 }

@@ -2,6 +2,7 @@
 //! streams serialized Responses API events back to the edge.
 
 pub mod api;
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod grpc;

@@ -4,6 +4,8 @@ pub const TURNS: &str = "tether_worker_turns_total";
 pub const TURN_SECONDS: &str = "tether_worker_turn_seconds";
 pub const PREPARE_SECONDS: &str = "tether_worker_prepare_seconds";
 pub const RENDERED_TOKENS: &str = "tether_worker_rendered_tokens_total";
+pub const PREFILL_BUDGET_REFUSED: &str = "tether_worker_prefill_budget_refused_total";
+pub const TRUNCATED_ITEMS: &str = "tether_worker_truncated_items_total";
 pub const SAFETY_CHECKED_BYTES: &str = "tether_worker_safety_checked_bytes_total";
 pub const SAFETY_FLAGGED: &str = "tether_worker_safety_flagged_total";
 pub const SHARD_RESENDS: &str = "tether_worker_shard_resends_total";
@@ -24,6 +26,11 @@ pub fn describe() {
     metrics::describe_histogram!(TURN_SECONDS, metrics::Unit::Seconds, "Turn duration on the worker");
     metrics::describe_histogram!(PREPARE_SECONDS, metrics::Unit::Seconds, "Resolve, validate, safety and render time");
     metrics::describe_counter!(RENDERED_TOKENS, "Tokens rendered, by path (incremental or full)");
+    metrics::describe_counter!(PREFILL_BUDGET_REFUSED, "Turns refused because their tenant's prefill budget was spent");
+    metrics::describe_counter!(
+        TRUNCATED_ITEMS,
+        "Items left out of a prompt to fit the context window (truncation: auto)"
+    );
     metrics::describe_counter!(SAFETY_CHECKED_BYTES, "Bytes of input the safety classifier checked");
     metrics::describe_counter!(SAFETY_FLAGGED, "Inputs the safety classifier flagged");
     metrics::describe_counter!(SHARD_RESENDS, "Full-prompt resends after a shard cache miss");

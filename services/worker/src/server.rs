@@ -9,6 +9,7 @@ use tether_proto::worker::v1::worker_server::WorkerServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::PrefillBudget;
 use crate::config::WorkerConfig;
 use crate::error::WorkerError;
 use crate::grpc::WorkerService;
@@ -58,6 +59,7 @@ pub async fn serve_with(
         serving: serving.clone(),
         peers: Peers::start(discovery.as_ref(), &id, config.tls.clone(), stop.clone()),
         replication: config.replication,
+        prefill_budget: PrefillBudget::new(config.prefill_limit),
     });
     let service = WorkerServer::new(WorkerService::new(ctx.clone()))
         .max_decoding_message_size(256 << 20)

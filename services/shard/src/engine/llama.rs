@@ -85,6 +85,11 @@ impl Engine for LlamaEngine {
         &self.models
     }
 
+    fn context_window(&self) -> u32 {
+        // One sequence may fill the whole unified KV cache (n_ctx).
+        self.config.context_tokens
+    }
+
     fn slots(&self) -> (u32, u32) {
         (self.config.sequences, self.busy.load(Ordering::Relaxed))
     }

@@ -7,6 +7,8 @@
 pub mod llama;
 pub mod sim;
 pub mod sim_tools;
+#[cfg(any(feature = "llama", test))]
+pub mod state_format;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -58,6 +60,8 @@ pub struct Outcome {
 pub trait Engine: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn models(&self) -> &[String];
+    /// Tokens one session can hold, prompt plus output: the model's context window.
+    fn context_window(&self) -> u32;
     /// Total and busy decode slots.
     fn slots(&self) -> (u32, u32);
     /// Rejects a job the engine cannot run, before any token is streamed.

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tether_common::discovery::BoxFuture;
+use tether_common::limits;
 use tether_common::tokenizer::CoreBPE;
 use tether_common::tokenizer::{self, TOOL_CALL_CLOSE, TOOL_CALL_OPEN};
 use tether_proto::shard::v1::FinishReason;
@@ -29,6 +30,8 @@ pub struct SimConfig {
     pub decode_interval: Duration,
     pub slots: u32,
     pub output_tokens: u32,
+    /// Tokens a session may hold: prompt plus output (a real small model's window).
+    pub context_window: u32,
 }
 
 /// Words that are one o200k token each with a leading space: the sim model's vocabulary.
@@ -76,51 +79,94 @@ impl SimEngine {
         }
     }
 
-    fn hint(job: &Job, key: &str) -> Option<u32> {
-        job.hints.get(key).and_then(|v| v.trim().parse().ok())
+    fn hint(job: &Job, key: &str, cap: u32) -> Option<u32> {
+        // The worker refuses hints past the cap; clamp here too, so no client number sizes
+        // the output even when a caller skipped that check.
+        job.hints.get(key).and_then(|v| v.trim().parse::<u64>().ok()).map(|n| n.min(u64::from(cap)) as u32)
     }
 
-    /// Returns the whole output of `job` as pieces (one per token) and whether it was cut
-    /// by `max_output_tokens`.
-    fn plan_output(&self, job: &Job) -> Result<(Vec<Piece>, FinishReason), ShardError> {
+    /// Returns the generator of `job`'s output: nothing is produced before it is sent, and it
+    /// stops at `max_output_tokens`, at the room left in the context window and at the server
+    /// cap, whatever the hints ask for.
+    fn plan_output(&self, job: &Job) -> Result<Generator, ShardError> {
         let call = match &job.tools {
             Some(spec) => {
-                let calls_before_answer = Self::hint(job, HINT_TOOL_CALLS).unwrap_or(1);
+                let calls_before_answer = Self::hint(job, HINT_TOOL_CALLS, limits::SIM_TOOL_CALLS).unwrap_or(1);
                 sim_tools::plan(spec, calls_before_answer, job.prompt_hash)?
             }
             None => None,
         };
-        let mut pieces = match call {
+        let (source, natural) = match call {
             Some(call) => {
+                // A call's size is bounded by its tool's schema, which the worker caps.
                 let body = serde_json::json!({"name": call.name, "arguments": call.arguments});
-                let text = format!("{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}");
-                self.bpe
-                    .encode_ordinary(&text)
-                    .into_iter()
-                    .map(|id| Piece { text: self.bpe.decode(&[id]).unwrap_or_default(), ids: vec![id] })
-                    .collect()
+                let ids = self.bpe.encode_ordinary(&format!("{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"));
+                let natural = ids.len() as u32;
+                (Source::Call(ids.into_iter()), natural)
             }
             None => {
-                let length = Self::hint(job, HINT_OUTPUT_TOKENS).unwrap_or(self.config.output_tokens).max(1);
-                let mut state = job.prompt_hash;
-                let (opener_id, opener) = &self.openers[(next(&mut state) % self.openers.len() as u64) as usize];
-                let mut pieces = vec![Piece { ids: vec![*opener_id], text: opener.clone() }];
-                pieces.extend((1..length.saturating_sub(1)).map(|_| {
-                    let (id, text) = &self.vocabulary[(next(&mut state) % self.vocabulary.len() as u64) as usize];
-                    Piece { ids: vec![*id], text: text.clone() }
-                }));
-                pieces.truncate((length - 1) as usize);
-                pieces.push(Piece { ids: vec![self.period], text: ".".into() });
-                pieces
+                let length = Self::hint(job, HINT_OUTPUT_TOKENS, limits::SIM_OUTPUT_TOKENS)
+                    .unwrap_or(self.config.output_tokens)
+                    .clamp(1, limits::SIM_OUTPUT_TOKENS);
+                (Source::Text { length, index: 0, state: job.prompt_hash }, length)
             }
         };
-        let max = job.sampling.max_output_tokens;
-        if max > 0 && pieces.len() > max as usize {
-            pieces.truncate(max as usize);
-            return Ok((pieces, FinishReason::Length));
-        }
-        Ok((pieces, FinishReason::Stop))
+        let requested = match job.sampling.max_output_tokens {
+            0 => u32::MAX,
+            max => max,
+        };
+        let room = self.config.context_window.saturating_sub(job.prompt_len);
+        let budget = requested.min(room);
+        let (limit, reason) =
+            if natural > budget { (budget, FinishReason::Length) } else { (natural, FinishReason::Stop) };
+        Ok(Generator { source, limit, emitted: 0, reason })
     }
+
+    /// Returns the next piece of `generator`, or `None` when the output is complete.
+    fn next_piece(&self, generator: &mut Generator) -> Option<Piece> {
+        if generator.emitted >= generator.limit {
+            return None;
+        }
+        let piece = match &mut generator.source {
+            Source::Call(ids) => {
+                let id = ids.next()?;
+                Piece { text: self.bpe.decode(&[id]).unwrap_or_default(), ids: vec![id] }
+            }
+            Source::Text { length, index, state } => {
+                let (id, text) = if *index + 1 >= *length {
+                    (self.period, ".".to_owned())
+                } else if *index == 0 {
+                    let (id, text) = &self.openers[(next(state) % self.openers.len() as u64) as usize];
+                    (*id, text.clone())
+                } else {
+                    let (id, text) = &self.vocabulary[(next(state) % self.vocabulary.len() as u64) as usize];
+                    (*id, text.clone())
+                };
+                *index += 1;
+                Piece { ids: vec![id], text }
+            }
+        };
+        generator.emitted += 1;
+        Some(piece)
+    }
+}
+
+/// What a job's output is made of.
+enum Source {
+    /// A function call's tokens, in order.
+    Call(std::vec::IntoIter<u32>),
+    /// A text answer of `length` tokens: an opener, words, a period; `index` tokens made.
+    Text { length: u32, index: u32, state: u64 },
+}
+
+/// A job's output, produced token by token.
+struct Generator {
+    source: Source,
+    /// Tokens to produce at most.
+    limit: u32,
+    emitted: u32,
+    /// How the output ends once `limit` tokens are out.
+    reason: FinishReason,
 }
 
 /// splitmix64.
@@ -141,6 +187,10 @@ impl Engine for SimEngine {
         &self.config.models
     }
 
+    fn context_window(&self) -> u32 {
+        self.config.context_window
+    }
+
     fn slots(&self) -> (u32, u32) {
         (self.config.slots, self.busy.load(Ordering::Relaxed))
     }
@@ -148,6 +198,12 @@ impl Engine for SimEngine {
     fn validate(&self, job: &Job) -> Result<(), ShardError> {
         if !self.config.models.contains(&job.model) {
             return Err(ShardError::UnknownModel(job.model.clone()));
+        }
+        if job.prompt_len >= self.config.context_window {
+            return Err(ShardError::ContextExceeded {
+                needed: job.prompt_len.saturating_add(1),
+                capacity: self.config.context_window,
+            });
         }
         self.plan_output(job).map(|_| ())
     }
@@ -174,12 +230,14 @@ impl Engine for SimEngine {
                 });
             }
 
-            let (pieces, reason) = self.plan_output(&job)?;
+            let mut generator = self.plan_output(&job)?;
             let first = started + prefill;
-            let mut completion = Vec::with_capacity(pieces.len());
+            let mut completion = Vec::new();
             let mut pending = Piece { ids: Vec::new(), text: String::new() };
-            for (index, piece) in pieces.into_iter().enumerate() {
-                let due = first + self.config.decode_interval * index as u32;
+            let mut index = 0u32;
+            while let Some(piece) = self.next_piece(&mut generator) {
+                let due = first + self.config.decode_interval * index;
+                index += 1;
                 if due > Instant::now() && !pending.ids.is_empty() {
                     // Flush what is due before waiting for the next token.
                     if out
@@ -195,6 +253,7 @@ impl Engine for SimEngine {
                 pending.ids.extend(piece.ids);
                 pending.text.push_str(&piece.text);
             }
+            let reason = generator.reason;
             if !pending.ids.is_empty() && out.send(pending).await.is_err() {
                 return Err(ShardError::NotServing);
             }
@@ -209,5 +268,89 @@ struct BusyGuard<'a>(&'a AtomicU32);
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use tether_proto::shard::v1::{FinishReason, Sampling};
+    use tokio::sync::mpsc;
+
+    use super::{SimConfig, SimEngine};
+    use crate::engine::{Engine, Job};
+    use crate::error::ShardError;
+
+    fn engine(context_window: u32) -> SimEngine {
+        SimEngine::new(SimConfig {
+            models: vec!["tether-sim".into()],
+            ttft_base: Duration::ZERO,
+            prefill_per_token: Duration::ZERO,
+            decode_interval: Duration::ZERO,
+            slots: 1,
+            output_tokens: 32,
+            context_window,
+        })
+    }
+
+    fn job(prompt_len: u32, max_output_tokens: u32, hints: &[(&str, &str)]) -> Job {
+        Job {
+            session: 1,
+            model: "tether-sim".into(),
+            prompt_len,
+            cached: 0,
+            new_tokens: vec![1; prompt_len as usize],
+            prompt_hash: 7,
+            sampling: Sampling { max_output_tokens, ..Default::default() },
+            tools: None,
+            hints: hints.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<HashMap<_, _>>(),
+            prefill_only: false,
+        }
+    }
+
+    async fn run(engine: &SimEngine, job: Job) -> super::Outcome {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        engine.validate(&job).expect("valid job");
+        let outcome = engine.run(job, tx).await.expect("the job runs");
+        drain.await.unwrap();
+        outcome
+    }
+
+    #[tokio::test]
+    async fn a_huge_output_hint_is_generated_lazily_and_cut_by_max_output_tokens() {
+        // Issue 11: the sim planned 4,294,967,295 tokens up front and aborted the process.
+        let engine = engine(32_768);
+        let outcome = run(&engine, job(10, 1, &[("tether_sim_output_tokens", "4294967295")])).await;
+        assert_eq!(outcome.completion.len(), 1);
+        assert_eq!(outcome.reason, FinishReason::Length);
+    }
+
+    #[tokio::test]
+    async fn the_output_stops_at_the_context_window() {
+        let engine = engine(100);
+        let outcome = run(&engine, job(97, 0, &[("tether_sim_output_tokens", "50")])).await;
+        assert_eq!(outcome.completion.len(), 3, "only the room left in the window is generated");
+        assert_eq!(outcome.reason, FinishReason::Length);
+    }
+
+    #[tokio::test]
+    async fn a_short_answer_is_complete_and_deterministic() {
+        let engine = engine(32_768);
+        let first = run(&engine, job(10, 0, &[("tether_sim_output_tokens", "5")])).await;
+        let again = run(&engine, job(10, 0, &[("tether_sim_output_tokens", "5")])).await;
+        assert_eq!(first.completion.len(), 5);
+        assert_eq!(first.reason, FinishReason::Stop);
+        assert_eq!(first.completion, again.completion);
+        assert_eq!(*first.completion.last().unwrap(), engine.period, "an answer ends with a period");
+    }
+
+    #[test]
+    fn a_prompt_that_fills_the_window_is_refused() {
+        let engine = engine(100);
+        let error = engine.validate(&job(100, 0, &[])).unwrap_err();
+        assert!(matches!(error, ShardError::ContextExceeded { capacity: 100, .. }), "{error:?}");
     }
 }

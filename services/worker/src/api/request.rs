@@ -2,6 +2,7 @@
 //! protocol asks; fields with a wrong type or value get an error naming the `param`.
 
 use serde_json::{Map, Value};
+use tether_common::limits;
 
 use super::items::{self, Item};
 use crate::error::WorkerError;
@@ -33,6 +34,9 @@ pub struct CreateRequest {
     pub metadata: Map<String, Value>,
     pub generate: bool,
     pub prompt_cache_key: Option<String>,
+    /// `truncation: "auto"`: drop the oldest items of the chain when the prompt would not fit
+    /// the model's context window (`"disabled"`, the default, refuses the turn instead).
+    pub truncation_auto: bool,
     /// Other settings echoed unchanged (text, reasoning, truncation, user, safety_identifier).
     pub echo: Map<String, Value>,
 }
@@ -61,31 +65,47 @@ impl CreateRequest {
         };
         let previous_response_id = optional_string(&body, "previous_response_id")?;
         let instructions = optional_string(&body, "instructions")?;
+        if instructions.as_ref().is_some_and(|text| text.chars().count() > limits::INSTRUCTIONS_CHARS) {
+            return Err(WorkerError::invalid(
+                "instructions",
+                format!("'instructions' is longer than {} characters.", limits::INSTRUCTIONS_CHARS),
+            ));
+        }
+        if let Some(Value::Array(items)) = body.get("input")
+            && items.len() > limits::INPUT_ITEMS
+        {
+            return Err(WorkerError::invalid(
+                "input",
+                format!("'input' has {} items; at most {} are allowed.", items.len(), limits::INPUT_ITEMS),
+            ));
+        }
         let input = items::parse_input(body.get("input"))?;
         let tools = parse_tools(body.get("tools"))?;
         let (tool_choice, tool_choice_echo) = parse_tool_choice(body.get("tool_choice"), &tools)?;
         let parallel_tool_calls = optional_bool(&body, "parallel_tool_calls")?.unwrap_or(true);
         let max_output_tokens = match body.get("max_output_tokens") {
             None | Some(Value::Null) => None,
-            Some(value) => Some(value.as_u64().filter(|n| (1..=1_000_000).contains(n)).ok_or_else(|| {
-                WorkerError::invalid("max_output_tokens", "'max_output_tokens' must be a positive integer.")
-            })? as u32),
+            Some(value) => Some(
+                value.as_u64().filter(|n| (1..=u64::from(limits::MAX_OUTPUT_TOKENS)).contains(n)).ok_or_else(|| {
+                    WorkerError::invalid(
+                        "max_output_tokens",
+                        format!("'max_output_tokens' must be an integer from 1 to {}.", limits::MAX_OUTPUT_TOKENS),
+                    )
+                })? as u32,
+            ),
         };
         let temperature = optional_number(&body, "temperature", 0.0, 2.0)?;
         let top_p = optional_number(&body, "top_p", 0.0, 1.0)?;
         let store = optional_bool(&body, "store")?.unwrap_or(true);
         let generate = optional_bool(&body, "generate")?.unwrap_or(true);
-        let metadata = match body.remove("metadata") {
-            None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(map)) if map.len() <= 16 && map.values().all(Value::is_string) => map,
-            Some(_) => {
-                return Err(WorkerError::invalid(
-                    "metadata",
-                    "'metadata' must be an object of at most 16 string values.",
-                ));
-            }
-        };
+        let metadata = parse_metadata(body.remove("metadata"))?;
         let prompt_cache_key = optional_string(&body, "prompt_cache_key")?;
+        let truncation_auto = match body.get("truncation") {
+            None | Some(Value::Null) => false,
+            Some(Value::String(mode)) if mode == "auto" => true,
+            Some(Value::String(mode)) if mode == "disabled" => false,
+            Some(_) => return Err(WorkerError::invalid("truncation", "'truncation' must be 'auto' or 'disabled'.")),
+        };
         let echo = ECHOED.iter().filter_map(|key| body.remove(*key).map(|v| ((*key).to_owned(), v))).collect();
         Ok(CreateRequest {
             model,
@@ -103,6 +123,7 @@ impl CreateRequest {
             metadata,
             generate,
             prompt_cache_key,
+            truncation_auto,
             echo,
         })
     }
@@ -135,12 +156,64 @@ fn optional_number(body: &Map<String, Value>, field: &str, min: f64, max: f64) -
     }
 }
 
+/// The sim engine's hints, read from `metadata`, and the largest value each accepts.
+const SIM_HINTS: &[(&str, u32, u32)] =
+    &[("tether_sim_output_tokens", 1, limits::SIM_OUTPUT_TOKENS), ("tether_sim_tool_calls", 0, limits::SIM_TOOL_CALLS)];
+
+/// Checks `metadata` against OpenAI's limits (16 pairs, keys of at most 64 and values of at
+/// most 512 characters) and the sim's hints against their ranges.
+fn parse_metadata(metadata: Option<Value>) -> Result<Map<String, Value>, WorkerError> {
+    let map = match metadata {
+        None | Some(Value::Null) => return Ok(Map::new()),
+        Some(Value::Object(map)) => map,
+        Some(_) => return Err(WorkerError::invalid("metadata", "'metadata' must be an object of string values.")),
+    };
+    if map.len() > limits::METADATA_PAIRS {
+        return Err(WorkerError::invalid(
+            "metadata",
+            format!("'metadata' has {} pairs; at most {} are allowed.", map.len(), limits::METADATA_PAIRS),
+        ));
+    }
+    for (key, value) in &map {
+        if key.chars().count() > limits::METADATA_KEY_CHARS {
+            return Err(WorkerError::invalid(
+                "metadata",
+                format!("A 'metadata' key is longer than {} characters.", limits::METADATA_KEY_CHARS),
+            ));
+        }
+        let Value::String(value) = value else {
+            return Err(WorkerError::invalid(format!("metadata.{key}"), "'metadata' values must be strings."));
+        };
+        if value.chars().count() > limits::METADATA_VALUE_CHARS {
+            return Err(WorkerError::invalid(
+                format!("metadata.{key}"),
+                format!("A 'metadata' value is longer than {} characters.", limits::METADATA_VALUE_CHARS),
+            ));
+        }
+        if let Some((_, min, max)) = SIM_HINTS.iter().find(|(hint, ..)| hint == key)
+            && !value.trim().parse::<u32>().is_ok_and(|n| (*min..=*max).contains(&n))
+        {
+            return Err(WorkerError::invalid(
+                format!("metadata.{key}"),
+                format!("'metadata.{key}' must be an integer from {min} to {max}."),
+            ));
+        }
+    }
+    Ok(map)
+}
+
 fn parse_tools(tools: Option<&Value>) -> Result<Vec<Value>, WorkerError> {
     let tools = match tools {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(tools)) => tools,
         Some(_) => return Err(WorkerError::invalid("tools", "'tools' must be an array.")),
     };
+    if tools.len() > limits::TOOLS {
+        return Err(WorkerError::invalid(
+            "tools",
+            format!("'tools' has {} tools; at most {} are allowed.", tools.len(), limits::TOOLS),
+        ));
+    }
     tools
         .iter()
         .enumerate()
@@ -148,6 +221,14 @@ fn parse_tools(tools: Option<&Value>) -> Result<Vec<Value>, WorkerError> {
             let param = format!("tools[{i}]");
             let object =
                 tool.as_object().ok_or_else(|| WorkerError::invalid(&param, "Each tool must be an object."))?;
+            // Serialized size bounds the schema's depth and breadth too (the engine and the
+            // renderer walk it).
+            if serde_json::to_vec(tool).map_or(usize::MAX, |bytes| bytes.len()) > limits::TOOL_DEFINITION_BYTES {
+                return Err(WorkerError::invalid(
+                    &param,
+                    format!("A tool definition is larger than {} bytes.", limits::TOOL_DEFINITION_BYTES),
+                ));
+            }
             match object.get("type").and_then(Value::as_str) {
                 Some("function") => {}
                 Some(other) => {
@@ -264,11 +345,54 @@ mod tests {
             (json!({"background": true}), "background"),
             (json!({"tools": [{"type":"web_search"}]}), "tools[0].type"),
             (json!({"tools": [{"type":"function","name":"bad name"}]}), "tools[0].name"),
-            (json!({"metadata": {"a": 1}}), "metadata"),
+            (json!({"metadata": {"a": 1}}), "metadata.a"),
             (json!({"tool_choice": "required"}), "tool_choice"),
+            (json!({"truncation": "sometimes"}), "truncation"),
         ] {
             assert_eq!(parse(body.clone()).unwrap_err().api_error().param, param, "{body}");
         }
         assert_eq!(CreateRequest::parse(b"[1]", "m").unwrap_err().api_error().status, 400);
+    }
+
+    #[test]
+    fn every_client_size_and_count_is_capped() {
+        use tether_common::limits;
+        let many = |n: usize, item: serde_json::Value| serde_json::Value::Array(vec![item; n]);
+        let tool = |name: &str| json!({"type":"function","name": name,"parameters":{"type":"object"}});
+        let pairs = |n: usize| (0..n).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>();
+        let big_schema = json!({"type":"object","description": "d".repeat(limits::TOOL_DEFINITION_BYTES)});
+        for (body, param) in [
+            (json!({"input": many(limits::INPUT_ITEMS + 1, json!({"role":"user","content":"x"}))}), "input"),
+            (json!({"tools": many(limits::TOOLS + 1, tool("f"))}), "tools"),
+            (json!({"tools": [{"type":"function","name":"f","parameters": big_schema}]}), "tools[0]"),
+            (json!({"metadata": pairs(limits::METADATA_PAIRS + 1)}), "metadata"),
+            (json!({"metadata": {"k".repeat(limits::METADATA_KEY_CHARS + 1): "v"}}), "metadata"),
+            (json!({"metadata": {"note": "v".repeat(limits::METADATA_VALUE_CHARS + 1)}}), "metadata.note"),
+            (json!({"metadata": {"tether_sim_output_tokens": "4294967295"}}), "metadata.tether_sim_output_tokens"),
+            (json!({"metadata": {"tether_sim_output_tokens": "0"}}), "metadata.tether_sim_output_tokens"),
+            (json!({"metadata": {"tether_sim_tool_calls": "many"}}), "metadata.tether_sim_tool_calls"),
+            (json!({"max_output_tokens": limits::MAX_OUTPUT_TOKENS + 1}), "max_output_tokens"),
+            (json!({"instructions": "i".repeat(limits::INSTRUCTIONS_CHARS + 1)}), "instructions"),
+        ] {
+            let error = parse(body).unwrap_err();
+            let api = error.api_error();
+            assert_eq!((api.status, api.r#type.as_str(), api.param.as_str()), (400, "invalid_request_error", param));
+        }
+        // At the limits, everything is accepted.
+        let body = json!({
+            "input": many(limits::INPUT_ITEMS, json!({"role":"user","content":"x"})),
+            "tools": many(limits::TOOLS, tool("f")),
+            "metadata": pairs(limits::METADATA_PAIRS),
+            "max_output_tokens": limits::MAX_OUTPUT_TOKENS,
+            "instructions": "i".repeat(limits::INSTRUCTIONS_CHARS),
+        });
+        parse(body).unwrap();
+        let hints = json!({"metadata": {
+            "tether_sim_output_tokens": limits::SIM_OUTPUT_TOKENS.to_string(),
+            "tether_sim_tool_calls": limits::SIM_TOOL_CALLS.to_string(),
+            "k".repeat(limits::METADATA_KEY_CHARS): "v".repeat(limits::METADATA_VALUE_CHARS),
+        }});
+        parse(hints).unwrap();
+        assert!(parse(json!({"truncation": "auto"})).unwrap().truncation_auto);
     }
 }

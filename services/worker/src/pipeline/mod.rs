@@ -21,6 +21,7 @@ use self::prepare::Prepared;
 use crate::api::events::{Emitter, TurnSink};
 use crate::api::request::CreateRequest;
 use crate::api::response::{ResponseTemplate, now_unix, usage};
+use crate::budget::PrefillBudget;
 use crate::error::WorkerError;
 use crate::metrics as m;
 use crate::peers::Peers;
@@ -42,6 +43,8 @@ pub struct WorkerContext {
     pub serving: Readiness,
     pub peers: Peers,
     pub replication: ReplicationMode,
+    /// Each tenant's budget of uncached prefill tokens.
+    pub prefill_budget: PrefillBudget,
 }
 
 /// Bodies larger than this are prepared on the blocking pool (parsing, safety and

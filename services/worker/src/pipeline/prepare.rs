@@ -107,12 +107,81 @@ pub fn prepare(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) 
             (true, renderer.items(history.chain(request.input.iter()), false, &mut new_tokens))
         }
     };
-    let open_assistant = if request.generate {
+    let mut open_assistant = if request.generate {
         renderer.generation_prompt(in_assistant, &mut new_tokens);
         true
     } else {
         in_assistant
     };
+    let mut full = full;
+
+    // 5. Fit the model's context window before any engine work: the prompt plus the output
+    // it asks for. `truncation: "auto"` drops whole items from the front of the chain
+    // (keeping the instructions and tools); the default refuses. The chain's items stay as
+    // they are (retrieval and a later full render see them all); only the prompt is cut.
+    if let Some(window) = ctx.shards.context_window(&request.model) {
+        let reserve = if request.generate { request.max_output_tokens.unwrap_or(1) } else { 0 };
+        let fits = |prompt: usize| prompt as u64 + u64::from(reserve) <= u64::from(window);
+        let prompt_len = match (&parent, full) {
+            (Some(parent), false) => parent.tokens.len(),
+            _ => 0,
+        } + new_tokens.len();
+        if !fits(prompt_len) {
+            let exceeded = || {
+                WorkerError::invalid_with_code(
+                    "input",
+                    format!(
+                        "Your input exceeds the context window of this model: the prompt has {prompt_len} tokens \
+                         and {reserve} output tokens were asked for; the window holds {window}. Please adjust \
+                         your input and try again, or set 'truncation' to 'auto'."
+                    ),
+                    "context_length_exceeded",
+                )
+            };
+            if !request.truncation_auto {
+                return Err(exceeded());
+            }
+            let chain: Vec<&Item> =
+                parent.iter().flat_map(|parent| parent.items.iter()).chain(request.input.iter()).collect();
+            let render = |skip: usize| {
+                let mut tokens = Vec::new();
+                renderer.header(request.instructions.as_deref(), &request.tools, &mut tokens);
+                let in_assistant = renderer.items(chain[skip..].iter().copied(), false, &mut tokens);
+                let open = if request.generate {
+                    renderer.generation_prompt(in_assistant, &mut tokens);
+                    true
+                } else {
+                    in_assistant
+                };
+                (tokens, open)
+            };
+            // The fewest items to drop (keeping at least the last one): dropping more never
+            // makes the prompt longer, so a binary search renders O(log n) times.
+            let (mut low, mut high) = (0usize, chain.len().saturating_sub(1));
+            if !fits(render(high).0.len()) {
+                return Err(exceeded());
+            }
+            while low < high {
+                let middle = (low + high) / 2;
+                if fits(render(middle).0.len()) { high = middle } else { low = middle + 1 }
+            }
+            let (tokens, open) = render(low);
+            metrics::counter!(m::TRUNCATED_ITEMS).increment(low as u64);
+            tracing::debug!(dropped = low, tokens = tokens.len(), window, "prompt truncated to the context window");
+            new_tokens = tokens;
+            open_assistant = open;
+            full = true;
+        }
+    }
+    // 6. The tenant's prefill budget: what this turn makes the shard prefill.
+    let uncached = new_tokens.len() as u32;
+    if let Err(wait) = ctx.prefill_budget.charge(&turn.tenant, uncached, std::time::Instant::now()) {
+        metrics::counter!(m::PREFILL_BUDGET_REFUSED).increment(1);
+        return Err(WorkerError::RateLimited(format!(
+            "Rate limit reached for prompt tokens: this tenant's prefill budget is spent. Try again in {} ms.",
+            wait.as_millis().max(1)
+        )));
+    }
     metrics::counter!(m::RENDERED_TOKENS, "path" => if full { "full" } else { "incremental" })
         .increment(new_tokens.len() as u64);
 

@@ -7,7 +7,7 @@ use parking_lot::RwLock;
 use tether_common::discovery::BoxFuture;
 use tether_common::tls::Tls;
 use tether_proto::shard::v1::shard_client::ShardClient;
-use tether_proto::shard::v1::{GenerateRequest, InfoRequest};
+use tether_proto::shard::v1::{GenerateRequest, InfoRequest, InfoResponse};
 use tonic::Status;
 use tonic::transport::Channel;
 
@@ -15,7 +15,20 @@ use super::{ChunkStream, ShardApi};
 
 pub struct GrpcShard {
     client: ShardClient<Channel>,
-    models: Arc<RwLock<Vec<String>>>,
+    described: Arc<RwLock<Described>>,
+}
+
+/// What the shard's last `Info` said about its model.
+#[derive(Default)]
+struct Described {
+    models: Vec<String>,
+    context_window: u32,
+}
+
+impl Described {
+    fn update(lock: &RwLock<Described>, info: InfoResponse) {
+        *lock.write() = Described { models: info.models, context_window: info.context_window };
+    }
 }
 
 impl GrpcShard {
@@ -24,14 +37,14 @@ impl GrpcShard {
     pub fn connect(id: &str, addr: &str, tls: Option<&Tls>) -> Option<Self> {
         let channel = tether_common::nodes::channel(addr, tls)?;
         let client = ShardClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
-        let models = Arc::new(RwLock::new(Vec::new()));
-        let (mut info_client, info_models, id) = (client.clone(), models.clone(), id.to_owned());
+        let described = Arc::new(RwLock::new(Described::default()));
+        let (mut info_client, info_described, id) = (client.clone(), described.clone(), id.to_owned());
         tokio::spawn(async move {
             // A shard that just registered may still be starting: retry with backoff.
             for attempt in 0..50u32 {
                 match info_client.info(InfoRequest {}).await {
                     Ok(info) => {
-                        *info_models.write() = info.into_inner().models;
+                        Described::update(&info_described, info.into_inner());
                         return;
                     }
                     Err(status) => {
@@ -41,7 +54,7 @@ impl GrpcShard {
                 }
             }
         });
-        Some(GrpcShard { client, models })
+        Some(GrpcShard { client, described })
     }
 }
 
@@ -55,16 +68,20 @@ impl ShardApi for GrpcShard {
     }
 
     fn models(&self) -> Vec<String> {
-        self.models.read().clone()
+        self.described.read().models.clone()
+    }
+
+    fn context_window(&self) -> u32 {
+        self.described.read().context_window
     }
 
     fn probe(&self) -> BoxFuture<'static, bool> {
         let mut client = self.client.clone();
-        let models = self.models.clone();
+        let described = self.described.clone();
         Box::pin(async move {
             match tokio::time::timeout(Duration::from_millis(500), client.info(InfoRequest {})).await {
                 Ok(Ok(info)) => {
-                    *models.write() = info.into_inner().models;
+                    Described::update(&described, info.into_inner());
                     true
                 }
                 _ => false,

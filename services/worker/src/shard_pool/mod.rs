@@ -25,6 +25,11 @@ pub trait ShardApi: Send + Sync + 'static {
     fn generate(&self, request: GenerateRequest) -> BoxFuture<'_, Result<ChunkStream, Status>>;
     /// The models the shard serves (known once it answered `Info`).
     fn models(&self) -> Vec<String>;
+    /// Tokens one session can hold on this shard (its model's context window, prompt plus
+    /// output), known once it answered `Info`; 0 while unknown.
+    fn context_window(&self) -> u32 {
+        0
+    }
     /// Whether the shard answers (an ejected shard is readmitted when it does).
     fn probe(&self) -> BoxFuture<'static, bool>;
 }
@@ -78,6 +83,18 @@ impl ShardPool {
     pub fn serves(&self, model: &str) -> Option<bool> {
         let models = self.models();
         if models.is_empty() { None } else { Some(models.iter().any(|m| m == model)) }
+    }
+
+    /// Returns `model`'s context window: the smallest any live shard serving it reports (a
+    /// turn may land on any of them), `None` while none has described its window.
+    pub fn context_window(&self, model: &str) -> Option<u32> {
+        self.nodes
+            .live()
+            .into_iter()
+            .filter(|(_, api)| api.models().iter().any(|m| m == model))
+            .map(|(_, api)| api.context_window())
+            .filter(|&window| window > 0)
+            .min()
     }
 }
 

@@ -6,13 +6,16 @@
 //! carries the tokens of the cells too, which the importer checks against the session.
 //!
 //! Trust: llama.cpp aborts the process (`GGML_ASSERT(nread <= state_size)`) on a truncated
-//! state, so `ImportSession` must only be reachable by peer shards, never by clients.
+//! state, so `ImportSession` must only be reachable by peer shards, never by clients, and
+//! [`load`] checks the state's whole layout in Rust ([`state_format::check`]) before
+//! llama.cpp reads it: a truncated or forged state is an error, never an abort.
 
 use std::io::Write;
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::token::LlamaToken;
 
+use crate::engine::state_format;
 use crate::error::ShardError;
 
 /// Returns the state of `seq`, whose cells hold `tokens` at positions `0..tokens.len()`.
@@ -30,6 +33,8 @@ pub fn save(ctx: &LlamaContext<'_>, seq: i32, tokens: &[u32]) -> Result<Vec<u8>,
 /// Loads `state` into the empty sequence `seq`; returns the tokens its cells now hold (at
 /// most `max_tokens`, else the load fails).
 pub fn load(ctx: &mut LlamaContext<'_>, seq: i32, state: &[u8], max_tokens: usize) -> Result<Vec<u32>, ShardError> {
+    // The models this engine runs keep no per-cell extension (that is M-RoPE's).
+    state_format::check(state, max_tokens, 0)?;
     let mut file = tempfile::NamedTempFile::new()?;
     file.write_all(state)?;
     file.flush()?;
