@@ -184,7 +184,7 @@ async fn issue_11_request_rate_is_limited_per_tenant() {
         .edge_config(|c| {
             two_tenants(c);
             // Three requests, then (in any test's lifetime) no refill.
-            c.tenant_rate = 0.001;
+            c.tenant_rate = Some(0.001);
             c.tenant_burst = 3;
         })
         .start()

@@ -89,15 +89,20 @@ impl Outcome {
 pub struct TenantLimits {
     pub max_in_flight: usize,
     pub max_connections: usize,
-    pub rate: f64,
+    /// Requests per second; `None` is unlimited.
+    pub rate: Option<f64>,
     pub burst: u32,
 }
+
+/// The request rate of a tenant with `--auth keys` unless configured.
+pub const DEFAULT_KEYS_RATE: f64 = 100.0;
 
 struct Tenant {
     name: Arc<str>,
     in_flight: Arc<Semaphore>,
     connections: Arc<Semaphore>,
-    bucket: Mutex<TokenBucket>,
+    /// `None`: no rate limit.
+    bucket: Option<Mutex<TokenBucket>>,
 }
 
 impl Tenant {
@@ -106,7 +111,7 @@ impl Tenant {
             name: Arc::from(name),
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
-            bucket: Mutex::new(TokenBucket::new(limits.rate, limits.burst, Instant::now())),
+            bucket: limits.rate.map(|rate| Mutex::new(TokenBucket::new(rate, limits.burst, Instant::now()))),
         }
     }
 }
@@ -140,7 +145,11 @@ pub fn tenant_limits(config: &EdgeConfig) -> HashMap<String, TenantLimits> {
         max_connections: config
             .tenant_max_connections
             .unwrap_or_else(|| default_share(config.max_connections, names.len())),
-        rate: config.tenant_rate,
+        rate: match (config.tenant_rate, config.auth) {
+            (Some(rate), _) => Some(rate),
+            (None, AuthMode::Keys) => Some(DEFAULT_KEYS_RATE),
+            (None, AuthMode::Open) => None,
+        },
         burst: config.tenant_burst,
     };
     let mut limits: HashMap<String, TenantLimits> = names.into_iter().map(|name| (name, base)).collect();
@@ -149,7 +158,7 @@ pub fn tenant_limits(config: &EdgeConfig) -> HashMap<String, TenantLimits> {
         match setting.limit {
             TenantLimitKind::MaxInFlight(n) => tenant.max_in_flight = n,
             TenantLimitKind::MaxConnections(n) => tenant.max_connections = n,
-            TenantLimitKind::Rate(rate) => tenant.rate = rate,
+            TenantLimitKind::Rate(rate) => tenant.rate = Some(rate),
             TenantLimitKind::Burst(burst) => tenant.burst = burst,
         }
     }
@@ -165,7 +174,7 @@ impl Admission {
                 (tenant.name.clone(), tenant)
             })
             .collect();
-        let fallback = TenantLimits { max_in_flight: 0, max_connections: 0, rate: 0.0, burst: 0 };
+        let fallback = TenantLimits { max_in_flight: 0, max_connections: 0, rate: Some(0.0), burst: 0 };
         Admission {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             connections: Arc::new(Semaphore::new(config.max_connections)),
@@ -193,7 +202,10 @@ impl Admission {
     /// Takes one token from the tenant's request-rate bucket.
     pub fn check_rate(&self, tenant: &str) -> Result<(), ApiError> {
         let tenant = self.tenant(tenant);
-        if tenant.bucket.lock().take(Instant::now()) { Ok(()) } else { Err(Self::refuse(tenant, Limit::TenantRate)) }
+        match &tenant.bucket {
+            Some(bucket) if !bucket.lock().take(Instant::now()) => Err(Self::refuse(tenant, Limit::TenantRate)),
+            _ => Ok(()),
+        }
     }
 
     /// Admits a turn: the tenant's in-flight permit, then the edge's.
@@ -360,6 +372,8 @@ mod tests {
         assert_eq!(limits["alpha"].max_in_flight, 6, "the override");
         assert_eq!(limits["beta"].max_in_flight, 4, "half of 8");
         assert_eq!(limits["beta"].max_connections, 4);
+        assert_eq!(limits["beta"].rate, Some(super::DEFAULT_KEYS_RATE), "rate limited with keys by default");
+        assert_eq!(tenant_limits(&EdgeConfig::for_test())["default"].rate, None, "open auth: unlimited");
     }
 
     #[tokio::test]

@@ -65,9 +65,10 @@ pub struct EdgeLimitArgs {
     pub tenant_max_connections: Option<usize>,
 
     /// Requests per second per tenant (token bucket refill rate): creates over HTTP and
-    /// WebSocket, retrieves, deletes, model lists and WebSocket handshakes.
-    #[arg(long, env = "TETHER_EDGE_TENANT_RATE", default_value_t = 100.0, help_heading = "Tenant limits")]
-    pub tenant_rate: f64,
+    /// WebSocket, retrieves, deletes, model lists and WebSocket handshakes [default: 100 with
+    /// `--auth keys`; unlimited with `--auth open`, whose one tenant is every client].
+    #[arg(long, env = "TETHER_EDGE_TENANT_RATE", help_heading = "Tenant limits")]
+    pub tenant_rate: Option<f64>,
 
     /// Requests a tenant may make at once above its rate (token bucket size).
     #[arg(long, env = "TETHER_EDGE_TENANT_BURST", default_value_t = 200, help_heading = "Tenant limits")]
@@ -167,7 +168,8 @@ pub struct EdgeConfig {
     pub tenant_max_in_flight: Option<usize>,
     /// `None`: the edge-wide limit divided by the number of tenants, at most by 4.
     pub tenant_max_connections: Option<usize>,
-    pub tenant_rate: f64,
+    /// `None`: 100 per second with keys, unlimited with open auth.
+    pub tenant_rate: Option<f64>,
     pub tenant_burst: u32,
     pub tenant_limits: Vec<TenantLimit>,
     pub client_read_timeout: Duration,
@@ -199,6 +201,8 @@ pub enum ConfigError {
     UnknownTenant(String),
     #[error("--admin-key must differ from every --api-key")]
     AdminKeyIsApiKey,
+    #[error("{0}")]
+    InvalidLimit(&'static str),
 }
 
 impl EdgeConfig {
@@ -212,8 +216,8 @@ impl EdgeConfig {
             ws_max_lifetime: Duration::from_secs(3600),
             tenant_max_in_flight: None,
             tenant_max_connections: None,
-            tenant_rate: 10_000.0,
-            tenant_burst: 10_000,
+            tenant_rate: None,
+            tenant_burst: 200,
             tenant_limits: Vec::new(),
             client_read_timeout: Duration::from_secs(30),
             ws_max_queued: 64,
@@ -245,6 +249,24 @@ impl EdgeConfig {
             if !known {
                 return Err(ConfigError::UnknownTenant(limit.tenant.clone()));
             }
+        }
+        let rates = limits.tenant_rate.into_iter().chain(limits.tenant_limits.iter().filter_map(|l| match l.limit {
+            TenantLimitKind::Rate(rate) => Some(rate),
+            _ => None,
+        }));
+        if rates.into_iter().any(|rate| !(rate.is_finite() && rate > 0.0)) {
+            return Err(ConfigError::InvalidLimit("a tenant rate must be a positive number of requests per second"));
+        }
+        let bursts =
+            std::iter::once(limits.tenant_burst).chain(limits.tenant_limits.iter().filter_map(|l| match l.limit {
+                TenantLimitKind::Burst(burst) => Some(burst),
+                _ => None,
+            }));
+        if bursts.into_iter().any(|burst| burst == 0) {
+            return Err(ConfigError::InvalidLimit("a tenant burst must be at least 1"));
+        }
+        if limits.max_http_connections == 0 || limits.ws_max_queued == 0 {
+            return Err(ConfigError::InvalidLimit("--max-http-connections and --ws-max-queued must be at least 1"));
         }
         if let Some(admin) = &limits.admin_key
             && api_keys.contains_key(admin)
@@ -281,5 +303,73 @@ impl TryFrom<EdgeArgs> for EdgeConfig {
 
     fn try_from(args: EdgeArgs) -> Result<Self, ConfigError> {
         EdgeConfig::from_limits(args.limits, args.common.shutdown_grace, AuthMode::Keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{AuthMode, ConfigError, EdgeArgs, EdgeConfig, TenantLimit, TenantLimitKind};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        edge: EdgeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<EdgeConfig, ConfigError> {
+        let cli = Cli::try_parse_from(std::iter::once("edge").chain(args.iter().copied())).expect("parses");
+        EdgeConfig::try_from(cli.edge)
+    }
+
+    #[test]
+    fn limit_flags_parse_with_their_defaults() {
+        Cli::command().debug_assert();
+        let config = parse(&["--api-key", "sk-a=alpha,sk-b=beta"]).unwrap();
+        assert_eq!(config.auth, AuthMode::Keys);
+        assert_eq!((config.tenant_max_in_flight, config.tenant_rate, config.tenant_burst), (None, None, 200));
+        assert_eq!((config.ws_max_queued, config.ws_max_queued_bytes), (64, 32 << 20));
+        assert_eq!(config.client_read_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(config.header_read_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(config.body_read_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(config.max_http_connections, 10_000);
+        assert!(config.admin_key.is_none());
+        let config = parse(&[
+            "--api-key",
+            "sk-a=alpha",
+            "--tenant-limit",
+            "alpha:max-in-flight=3,alpha:rate=2.5",
+            "--admin-key",
+            "sk-op",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.tenant_limits,
+            [
+                TenantLimit { tenant: "alpha".into(), limit: TenantLimitKind::MaxInFlight(3) },
+                TenantLimit { tenant: "alpha".into(), limit: TenantLimitKind::Rate(2.5) },
+            ]
+        );
+        assert_eq!(format!("{:?}", config.admin_key), "Some(AdminKey(..))", "the key is not printed");
+    }
+
+    #[test]
+    fn bad_limits_are_refused() {
+        assert!(Cli::try_parse_from(["edge", "--tenant-limit", "alpha:speed=3"]).is_err());
+        assert!(Cli::try_parse_from(["edge", "--tenant-limit", "alpha:max-in-flight=many"]).is_err());
+        assert!(matches!(
+            parse(&["--api-key", "sk-a=alpha", "--tenant-limit", "gamma:rate=1"]),
+            Err(ConfigError::UnknownTenant(_))
+        ));
+        assert!(matches!(
+            parse(&["--api-key", "sk-a=alpha", "--tenant-burst", "0"]),
+            Err(ConfigError::InvalidLimit(_))
+        ));
+        assert!(matches!(parse(&["--api-key", "sk-a=alpha", "--tenant-rate", "0"]), Err(ConfigError::InvalidLimit(_))));
+        assert!(matches!(
+            parse(&["--api-key", "sk-a=alpha", "--admin-key", "sk-a"]),
+            Err(ConfigError::AdminKeyIsApiKey)
+        ));
     }
 }
