@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use tether_common::{ErrorClass, ResponseId};
 use tether_proto::worker::v1::{ApiError, Delivery, ResponseRef, Transport, TurnRequest, response_body};
 
+use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::admission::{Outcome, TurnGuard, count_unadmitted};
@@ -156,7 +157,11 @@ async fn create_inner(state: &EdgeState, headers: &HeaderMap, request: Request, 
             // waits) and cut after `--client-read-timeout`; the guard lives in that task.
             let (frames, body) = mpsc::channel::<Bytes>(SSE_BUFFER);
             let cut = Arc::new(AtomicBool::new(false));
-            tokio::spawn(pump_sse(event, relay, guard, frames, state.config.client_read_timeout, cut.clone()));
+            let rest = Box::pin(futures_util::stream::unfold(relay, |mut relay| async move {
+                relay.next().await.map(|item| (item, relay))
+            }));
+            let pump = pump_sse(event, rest, guard, frames, state.config.client_read_timeout, cut.clone());
+            tokio::spawn(pump);
             let stream = futures_util::stream::unfold((body, cut), |(mut body, cut)| async move {
                 match body.recv().await {
                     Some(frame) => Some((Ok(frame), (body, cut))),
@@ -185,7 +190,7 @@ const SSE_BUFFER: usize = 32;
 /// disconnect (the body is dropped) or a send that waited `read_timeout`.
 async fn pump_sse(
     first: RelayItem,
-    mut relay: relay::Relay,
+    mut rest: impl Stream<Item = RelayItem> + Unpin,
     mut guard: TurnGuard,
     frames: mpsc::Sender<Bytes>,
     read_timeout: Duration,
@@ -195,7 +200,7 @@ async fn pump_sse(
     loop {
         let item = match pending.take() {
             Some(item) => item,
-            None => match relay.next().await {
+            None => match rest.next().await {
                 Some(item) => item,
                 None => return,
             },
@@ -289,4 +294,63 @@ pub async fn retrieve(State(state): State<EdgeState>, headers: HeaderMap, Path(i
 
 pub async fn delete(State(state): State<EdgeState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     lookup(&state, &headers, &id, Lookup::Delete).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+
+    use super::pump_sse;
+    use crate::admission::Admission;
+    use crate::config::EdgeConfig;
+    use crate::relay::RelayItem;
+
+    fn delta() -> RelayItem {
+        RelayItem::Event {
+            event_type: "response.output_text.delta".into(),
+            json: br#"{"type":"response.output_text.delta","delta":"x"}"#.to_vec(),
+            terminal: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_sse_client_that_reads_nothing_is_cut_and_its_slot_freed() {
+        let config = EdgeConfig::for_test();
+        let admission = Admission::new(&config);
+        let guard = admission.turn("default", "http").unwrap();
+        assert_eq!(admission.in_flight(config.max_in_flight), 1);
+        // The body (the receiver) is alive but never read: the response would run forever.
+        let (frames, _body) = mpsc::channel(4);
+        let cut = Arc::new(AtomicBool::new(false));
+        let endless = futures_util::stream::repeat_with(delta);
+        let pump = pump_sse(delta(), endless, guard, frames, Duration::from_millis(200), cut.clone());
+        tokio::time::timeout(Duration::from_secs(10), pump).await.expect("cut after the read timeout");
+        assert!(cut.load(Ordering::Acquire), "the body ends with an error, not as if complete");
+        assert_eq!(admission.in_flight(config.max_in_flight), 0, "the slot is free");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_frees_the_slot_at_once() {
+        let config = EdgeConfig::for_test();
+        let admission = Admission::new(&config);
+        let guard = admission.turn("default", "http").unwrap();
+        let (frames, body) = mpsc::channel(4);
+        drop(body);
+        let cut = Arc::new(AtomicBool::new(false));
+        let pump = pump_sse(
+            delta(),
+            futures_util::stream::repeat_with(delta),
+            guard,
+            frames,
+            Duration::from_secs(30),
+            cut.clone(),
+        );
+        tokio::time::timeout(Duration::from_secs(10), pump).await.expect("stops at the first send");
+        assert!(!cut.load(Ordering::Acquire));
+        assert_eq!(admission.in_flight(config.max_in_flight), 0);
+    }
 }
