@@ -319,6 +319,11 @@ async fn issue_11_a_slowloris_header_is_closed_within_the_header_timeout() {
         wait::within(Duration::from_secs(5), "the slowloris connection closed", read_until_closed(&mut slow)).await;
     assert!(!reply.starts_with("HTTP/1.1 2"), "{reply}");
     assert!(started.elapsed() >= Duration::from_millis(400), "not before the timeout: {:?}", started.elapsed());
+    // An idle keep-alive connection is closed by the same timeout.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: edge\r\n\r\n").await.unwrap();
+    let reply = wait::within(Duration::from_secs(5), "the idle connection closed", read_until_closed(&mut idle)).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
