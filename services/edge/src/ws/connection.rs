@@ -9,9 +9,9 @@
 //!
 //! Bounds: creates waiting on their lanes are capped by count and bytes (`--ws-max-queued`,
 //! `--ws-max-queued-bytes`; past them an `error` event, the connection stays usable); each
-//! turn holds a [`TurnGuard`](crate::admission::TurnGuard) (released on drop, also when the connection aborts its tasks);
-//! a client that reads nothing for `--client-read-timeout` while events wait is cut off, which
-//! cancels its responses and frees their slots.
+//! turn holds a [`TurnGuard`](crate::admission::TurnGuard), released on drop, also when the
+//! connection aborts its tasks; a client that reads nothing for `--client-read-timeout` while
+//! events wait is cut off, which cancels its responses and frees their slots.
 
 use std::sync::Arc;
 
