@@ -12,9 +12,10 @@ use rand::Rng;
 use tether_common::SessionKey;
 use tether_common::discovery::{Members, NodeKind};
 use tether_common::ops::{self, Readiness};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::Admission;
 use crate::auth::Auth;
 use crate::config::EdgeConfig;
 use crate::error::{http_error, invalid};
@@ -26,10 +27,8 @@ pub struct EdgeInner {
     pub auth: Auth,
     pub workers: WorkerPool,
     pub shards: watch::Receiver<Members>,
-    /// Responses in progress across the edge.
-    pub in_flight: Arc<Semaphore>,
-    /// Open WebSocket connections.
-    pub connections: Arc<Semaphore>,
+    /// Turn, connection and request-rate admission, edge-wide and per tenant.
+    pub admission: Admission,
     /// Cancelled when the edge drains: WebSockets close at their next idle moment.
     pub draining: CancellationToken,
     pub readiness: Readiness,
@@ -55,9 +54,8 @@ impl EdgeState {
         readiness: Readiness,
     ) -> Self {
         EdgeState(Arc::new(EdgeInner {
-            auth: Auth::new(config.auth, &config.api_keys),
-            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
-            connections: Arc::new(Semaphore::new(config.max_connections)),
+            auth: Auth::new(config.auth, &config.api_keys, config.admin_key.clone()),
+            admission: Admission::new(&config),
             draining: CancellationToken::new(),
             readiness,
             workers,

@@ -90,11 +90,21 @@ impl Envelope {
                 ));
             }
         };
+        let stream = match raw.stream {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(stream)) => stream,
+            Some(_) => {
+                return Err(reject(
+                    invalid("invalid_type", "Invalid type for 'stream': expected a boolean.", "stream"),
+                    stream_id,
+                ));
+            }
+        };
         let prompt_cache_key = match raw.prompt_cache_key {
             Some(Value::String(key)) if !key.is_empty() => Some(key),
             _ => None,
         };
-        Ok(Envelope { kind, stream: raw.stream == Some(Value::Bool(true)), stream_id, previous, prompt_cache_key })
+        Ok(Envelope { kind, stream, stream_id, previous, prompt_cache_key })
     }
 }
 
@@ -135,6 +145,13 @@ mod tests {
         ] {
             assert_eq!(Envelope::parse(body.as_bytes()).unwrap_err().error.code, code, "{body}");
         }
+        for body in [r#"{"stream":"yes"}"#, r#"{"stream":1}"#, r#"{"stream":[]}"#] {
+            let error = Envelope::parse(body.as_bytes()).unwrap_err().error;
+            assert_eq!((error.status, error.r#type.as_str()), (400, "invalid_request_error"), "{body}");
+            assert_eq!(error.param, "stream", "{body}");
+        }
+        assert!(!Envelope::parse(br#"{"stream":null}"#).unwrap().stream);
+        assert!(!Envelope::parse(br#"{"stream":false}"#).unwrap().stream);
         let lane = Envelope::parse(br#"{"stream_id":"x","previous_response_id":"resp_bad"}"#).unwrap_err();
         assert_eq!(lane.stream_id.as_deref(), Some("x"));
         assert!(valid_stream_id(&"a".repeat(256)) && !valid_stream_id(&"a".repeat(257)));

@@ -2,6 +2,8 @@
 //! It authenticates, checks each event's envelope, places sessions on workers by consistent
 //! hashing, and relays the worker's already serialized events frame by frame.
 
+mod accept;
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod config;

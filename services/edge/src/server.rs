@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use tether_common::discovery::{Discovery, NodeKind};
 use tether_common::ops::Readiness;
-use tether_common::serve::serve_router;
 use tether_proto::worker::v1::ListModelsRequest;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::accept::{HttpLimits, serve_http};
 use crate::app::{EdgeState, router};
 use crate::config::EdgeConfig;
 use crate::error::EdgeError;
@@ -29,7 +29,9 @@ pub async fn serve(
     let readiness = Readiness::default();
     let workers = WorkerPool::start(discovery.as_ref(), config.load_factor, config.tls.clone(), stop.clone());
     let state = EdgeState::new(config.clone(), workers.clone(), discovery.watch(NodeKind::Shard), readiness.clone());
-    let server = tokio::spawn(serve_router(listener, router(state.clone()), stop.clone()));
+    let limits =
+        HttpLimits { header_read_timeout: config.header_read_timeout, max_connections: config.max_http_connections };
+    let server = tokio::spawn(serve_http(listener, router(state.clone()), limits, stop.clone()));
     tokio::spawn(become_ready(workers, readiness.clone(), stop.clone()));
 
     shutdown.cancelled().await;
@@ -41,7 +43,7 @@ pub async fn serve(
     let drained = async {
         let served = server.await;
         // Every open WebSocket holds a permit; all back means all closed.
-        let _all = state.connections.acquire_many(config.max_connections as u32).await;
+        let _all = state.admission.connections.acquire_many(config.max_connections as u32).await;
         served
     };
     match tokio::time::timeout(config.shutdown_grace, drained).await {

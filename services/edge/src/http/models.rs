@@ -13,7 +13,11 @@ use crate::app::EdgeState;
 use crate::error::{http_error, unavailable};
 
 pub async fn list(State(state): State<EdgeState>, headers: HeaderMap) -> Response {
-    if let Err(error) = state.auth.tenant(&headers) {
+    let tenant = match state.auth.tenant(&headers) {
+        Ok(tenant) => tenant,
+        Err(error) => return http_error(&error),
+    };
+    if let Err(error) = state.admission.check_rate(&tenant) {
         return http_error(&error);
     }
     let Some(worker) = state.workers.any() else { return http_error(&unavailable(ErrorClass::Unavailable)) };
@@ -31,7 +35,11 @@ pub async fn list(State(state): State<EdgeState>, headers: HeaderMap) -> Respons
     }
 }
 
-pub async fn cluster(State(state): State<EdgeState>) -> Response {
+/// The live workers and shards; operators only (the admin key with `--auth keys`).
+pub async fn cluster(State(state): State<EdgeState>, headers: HeaderMap) -> Response {
+    if let Err(error) = state.auth.admin(&headers) {
+        return http_error(&error);
+    }
     let view =
         |kind| -> Vec<Value> { state.members(kind).values().map(|m| json!({"id": m.id, "addr": m.addr})).collect() };
     Json(json!({"workers": view(NodeKind::Worker), "shards": view(NodeKind::Shard)})).into_response()

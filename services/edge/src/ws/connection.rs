@@ -6,22 +6,28 @@
 //! At the lifetime limit new creates are refused, in-flight ones finish, then it closes
 //! with 1000; when the edge drains it closes with 1012 (service restart: the SDK may reconnect)
 //! at an idle moment, never mid-response.
+//!
+//! Bounds: creates waiting on their lanes are capped by count and bytes (`--ws-max-queued`,
+//! `--ws-max-queued-bytes`; past them an `error` event, the connection stays usable); each
+//! turn holds a [`TurnGuard`](crate::admission::TurnGuard), released on drop, also when the
+//! connection aborts its tasks; a client that reads nothing for `--client-read-timeout` while
+//! events wait is cut off, which cancels its responses and frees their slots.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use futures_util::{SinkExt, StreamExt};
 use tether_common::SessionKey;
 use tether_proto::worker::v1::{ApiError, Delivery, ReleaseConnectionRequest, Transport, TurnRequest};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::lanes::{LaneKey, Lanes};
+use crate::admission::{ConnectionGuard, Limit, Outcome};
 use crate::app::{EdgeState, request_id};
 use crate::envelope::Envelope;
-use crate::error::{api_error, invalid, rate_limited, ws_error_event};
+use crate::error::{api_error, invalid, ws_error_event};
 use crate::metrics as m;
 use crate::relay::{self, RelayItem};
 
@@ -42,26 +48,28 @@ struct Connection {
     expired: bool,
 }
 
-pub async fn run(
-    socket: WebSocket,
-    state: EdgeState,
-    tenant: Arc<str>,
-    key: SessionKey,
-    _permit: OwnedSemaphorePermit,
-) {
-    metrics::gauge!(m::WS_CONNECTIONS).increment(1.0);
-    metrics::counter!(m::WS_CONNECTIONS_TOTAL).increment(1);
+pub async fn run(socket: WebSocket, state: EdgeState, tenant: Arc<str>, key: SessionKey, _admitted: ConnectionGuard) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<Message>(256);
-    let writer = tokio::spawn(async move {
+    let read_timeout = state.config.client_read_timeout;
+    let mut writer = tokio::spawn(async move {
         while let Some(message) = out_rx.recv().await {
             let closing = matches!(message, Message::Close(_));
-            if sink.send(message).await.is_err() || closing {
-                break;
+            match tokio::time::timeout(read_timeout, sink.send(message)).await {
+                Ok(Ok(())) if !closing => {}
+                Ok(_) => break,
+                Err(_) => {
+                    // The client read nothing for the whole timeout: drop the connection (a
+                    // close frame could not be written either), which ends its responses.
+                    tracing::debug!("websocket client read nothing within the read timeout, closing");
+                    metrics::counter!(m::SLOW_CLIENTS, "transport" => "websocket").increment(1);
+                    return;
+                }
             }
         }
-        let _ = sink.close().await;
+        let _ = tokio::time::timeout(read_timeout, sink.close()).await;
     });
+    let mut writer_done = false;
     let (done, mut done_rx) = mpsc::unbounded_channel();
     let id = state.connection_id();
     let owner = state.workers.owner(key);
@@ -99,6 +107,10 @@ pub async fn run(
                 connection.send(ws_error_event(&limit_reached(), None)).await;
             }
             _ = draining.cancelled(), if !draining.is_cancelled() => {}
+            _ = &mut writer, if !writer_done => {
+                writer_done = true;
+                break None;
+            }
         }
         if connection.lanes.idle() {
             if connection.expired {
@@ -115,8 +127,9 @@ pub async fn run(
     // Responses still running belong to a client that left: stop them.
     connection.tasks.abort_all();
     drop(connection.out);
-    let _ = writer.await;
-    metrics::gauge!(m::WS_CONNECTIONS).decrement(1.0);
+    if !writer_done {
+        let _ = writer.await;
+    }
     if let Some(worker) = owner {
         // Forget the connection's store=false state; best effort.
         let mut client = worker.client.clone();
@@ -131,7 +144,9 @@ fn read_error_code(error: axum::Error) -> u16 {
     use tokio_tungstenite::tungstenite::Error as WsError;
     match error.into_inner().downcast::<WsError>() {
         Ok(error) if matches!(*error, WsError::Capacity(_)) => close_code::SIZE,
-        Ok(error) if matches!(*error, WsError::Protocol(_) | WsError::Utf8(_)) => close_code::PROTOCOL,
+        // RFC 6455 7.4.1: 1007 for a text message that is not UTF-8.
+        Ok(error) if matches!(*error, WsError::Utf8(_)) => close_code::INVALID,
+        Ok(error) if matches!(*error, WsError::Protocol(_)) => close_code::PROTOCOL,
         _ => close_code::ERROR,
     }
 }
@@ -176,6 +191,9 @@ impl Connection {
             return self.reject(&limit_reached(), None).await;
         }
         let lane = envelope.stream_id.clone();
+        if let Err(error) = self.state.admission.check_rate(&self.tenant) {
+            return self.reject(&error, lane.as_deref()).await;
+        }
         if !self.lanes.admit(&lane) {
             let error = invalid(
                 "websocket_stream_limit_reached",
@@ -184,7 +202,16 @@ impl Connection {
             );
             return self.reject(&error, lane.as_deref()).await;
         }
-        self.lanes.push(lane, Create { body, envelope });
+        if self.lanes.would_queue(&lane) {
+            let (queued, queued_bytes) = self.lanes.queued();
+            let config = &self.state.config;
+            if queued >= config.ws_max_queued || queued_bytes + body.len() > config.ws_max_queued_bytes {
+                let error = self.state.admission.refused(&self.tenant, Limit::WsQueue);
+                return self.reject(&error, lane.as_deref()).await;
+            }
+        }
+        let bytes = body.len();
+        self.lanes.push(lane, Create { body, envelope }, bytes);
         self.start_ready();
     }
 
@@ -228,19 +255,20 @@ async fn run_create(
     create: Create,
     out: mpsc::Sender<Message>,
 ) {
-    let started = Instant::now();
     let stream_id = create.envelope.stream_id.clone();
     let key = create.envelope.previous.as_ref().map_or(connection_key, |previous| previous.session_key());
     let send = |text: String| {
         let out = out.clone();
         async move { out.send(Message::Text(text.into())).await.is_ok() }
     };
-    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
-        let error = rate_limited("Too many responses in progress on this server. Retry shortly.");
-        send(ws_error_event(&error, stream_id.as_deref())).await;
-        return;
+    let mut guard = match state.admission.turn(&tenant, "websocket") {
+        Ok(guard) => guard,
+        Err(error) => {
+            metrics::counter!(m::WS_CLIENT_ERRORS, "code" => code_label(&error.code)).increment(1);
+            send(ws_error_event(&error, stream_id.as_deref())).await;
+            return;
+        }
     };
-    metrics::gauge!(m::IN_FLIGHT).increment(1.0);
     let turn = TurnRequest {
         tenant: tenant.to_string(),
         session: key.0,
@@ -251,23 +279,19 @@ async fn run_create(
         connection,
         request_id: request_id(),
     };
-    let mut first = true;
-    let mut outcome = "ok";
     match relay::start_routed(&state, key, turn).await {
         Err(error) => {
-            outcome = "error";
+            guard.set_outcome(Outcome::Error);
             send(ws_error_event(&error, stream_id.as_deref())).await;
         }
         Ok(mut relay) => {
             while let Some(item) = relay.next().await {
-                if first {
-                    metrics::histogram!(m::FIRST_EVENT_SECONDS).record(started.elapsed().as_secs_f64());
-                    first = false;
-                }
+                guard.first_event();
                 let text = match item {
-                    RelayItem::Event { json, event_type, .. } => {
-                        if event_type == "response.failed" {
-                            outcome = "failed";
+                    RelayItem::Event { json, event_type, terminal } => {
+                        if terminal {
+                            let failed = event_type == "response.failed";
+                            guard.set_outcome(if failed { Outcome::Failed } else { Outcome::Ok });
                         }
                         match String::from_utf8(json) {
                             Ok(text) => text,
@@ -278,7 +302,7 @@ async fn run_create(
                         }
                     }
                     RelayItem::Error(error) => {
-                        outcome = "error";
+                        guard.set_outcome(Outcome::Error);
                         ws_error_event(&error, stream_id.as_deref())
                     }
                     RelayItem::Final { .. } => continue,
@@ -290,6 +314,6 @@ async fn run_create(
             }
         }
     }
-    metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
-    metrics::counter!(m::REQUESTS, "transport" => "websocket", "outcome" => outcome).increment(1);
+    // The guard's drop frees the slots and counts the outcome, here or when the task is
+    // aborted.
 }

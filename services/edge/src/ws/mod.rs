@@ -11,7 +11,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 
 use crate::app::{EdgeState, not_an_upgrade};
-use crate::error::{api_error, http_error, rate_limited};
+use crate::error::{api_error, http_error};
 
 pub async fn upgrade(
     State(state): State<EdgeState>,
@@ -32,8 +32,12 @@ pub async fn upgrade(
             "",
         ));
     }
-    let Ok(permit) = state.connections.clone().try_acquire_owned() else {
-        return http_error(&rate_limited("Too many open WebSocket connections on this server."));
+    if let Err(error) = state.admission.check_rate(&tenant) {
+        return http_error(&error);
+    }
+    let admitted = match state.admission.connection(&tenant) {
+        Ok(admitted) => admitted,
+        Err(error) => return http_error(&error),
     };
     let key = state.place(&tenant, &headers, None);
     let limit = state.config.max_message_bytes;
@@ -44,5 +48,5 @@ pub async fn upgrade(
         .write_buffer_size(4 * 1024)
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| connection::run(socket, state, tenant, key, permit))
+        .on_upgrade(move |socket| connection::run(socket, state, tenant, key, admitted))
 }
