@@ -6,6 +6,8 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     #[cfg(feature = "etcd")]
     if let Err(error) = protoc_bin_vendored::protoc_bin_path() {
-        println!("cargo:warning=no vendored protoc for this platform ({error}); etcd-client needs PROTOC or a protoc on PATH");
+        println!(
+            "cargo:warning=no vendored protoc for this platform ({error}); etcd-client needs PROTOC or a protoc on PATH"
+        );
     }
 }
