@@ -63,7 +63,13 @@ impl ProcessCluster {
             cluster.certs = Some(certs);
         }
         for i in 0..2 {
-            let shard = cluster.spawn(&format!("shard-{i}"), &["shard", "--id", &format!("shard-{i}")]);
+            // The agents chain up to thousands of turns per session (a release build runs ~30 turns/s
+            // per agent); the sim's default 32k-token window would refuse the longest chains with
+            // context_length_exceeded, which is not what these scenarios test.
+            let shard = cluster.spawn(
+                &format!("shard-{i}"),
+                &["shard", "--id", &format!("shard-{i}"), "--sim-context-window", "4194304"],
+            );
             cluster._shards.push(shard);
         }
         for i in 0..3 {
