@@ -116,14 +116,16 @@ pub fn router(state: EdgeState) -> Router {
     Router::new()
         .route("/v1/responses", post(http::responses::create).get(ws::upgrade))
         .route("/v1/responses/{id}", get(http::responses::retrieve).delete(http::responses::delete))
+        .route("/v1/responses/compact", post(http::unsupported::compact))
+        .route("/v1/responses/input_tokens", post(http::unsupported::input_tokens))
         .route("/v1/models", get(http::models::list))
+        .route("/v1/models/{id}", get(http::models::retrieve))
         .route("/v1/cluster", get(http::models::cluster))
-        .fallback(|| async {
-            http_error(&crate::error::api_error(404, "invalid_request_error", "not_found", "Unknown path.", ""))
-        })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
         .merge(ops::router(readiness))
+        .fallback(http::unsupported::not_found)
+        .method_not_allowed_fallback(http::unsupported::method_not_allowed)
 }
 
 /// The reply to a plain GET on the WebSocket path.

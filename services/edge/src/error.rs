@@ -78,7 +78,10 @@ pub fn ws_error_event(error: &ApiError, stream_id: Option<&str>) -> String {
 pub fn http_error(error: &ApiError) -> Response {
     let status = StatusCode::from_u16(error.status as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, axum::Json(json!({"error": error_object(error)}))).into_response();
-    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+    if status == StatusCode::NOT_IMPLEMENTED {
+        // The SDK retries every 5xx: an endpoint that is not implemented stays so.
+        response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+    } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
         response.headers_mut().insert("x-should-retry", HeaderValue::from_static("true"));
     }
     response

@@ -1,4 +1,6 @@
 //! The HTTP surface of the Responses API.
 
 pub mod models;
+pub mod replay;
 pub mod responses;
+pub mod unsupported;

@@ -1,4 +1,5 @@
-//! `POST /v1/responses` (JSON or SSE), `GET /v1/responses/{id}` and `DELETE`.
+//! `POST /v1/responses` (JSON or SSE), `GET /v1/responses/{id}` (JSON, or a replay as SSE with
+//! `?stream=true`) and `DELETE`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -6,7 +7,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{FromRequest, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tether_common::{ErrorClass, ResponseId};
@@ -253,8 +254,11 @@ fn not_found(id: &str) -> ApiError {
     api_error(404, "invalid_request_error", "not_found", format!("Response with id '{id}' not found."), "")
 }
 
+#[derive(PartialEq)]
 enum Lookup {
     Get,
+    /// `GET ?stream=true`: the stored Response replayed as SSE events.
+    Replay,
     Delete,
 }
 
@@ -274,10 +278,23 @@ async fn lookup(state: &EdgeState, headers: &HeaderMap, id: &str, kind: Lookup) 
     let reference = ResponseRef { tenant: tenant.to_string(), response_id: id.to_owned(), local_only: false };
     let mut client = worker.client.clone();
     let reply = match kind {
-        Lookup::Get => client.get_response(reference).await,
+        Lookup::Get | Lookup::Replay => client.get_response(reference).await,
         Lookup::Delete => client.delete_response(reference).await,
     };
     let response = match reply.map(|r| r.into_inner().kind) {
+        Ok(Some(response_body::Kind::Json(json))) if kind == Lookup::Replay => {
+            match serde_json::from_slice::<serde_json::Value>(&json) {
+                Ok(stored) => (
+                    [
+                        (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
+                        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+                    ],
+                    super::replay::sse_body(&stored),
+                )
+                    .into_response(),
+                Err(_) => http_error(&unavailable(ErrorClass::Internal)),
+            }
+        }
         Ok(Some(response_body::Kind::Json(json))) => {
             ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response()
         }
@@ -288,8 +305,24 @@ async fn lookup(state: &EdgeState, headers: &HeaderMap, id: &str, kind: Lookup) 
     with_request_id(response, &request_id)
 }
 
-pub async fn retrieve(State(state): State<EdgeState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    lookup(&state, &headers, &id, Lookup::Get).await
+pub async fn retrieve(
+    State(state): State<EdgeState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let kind = if wants_stream(query.as_deref()) { Lookup::Replay } else { Lookup::Get };
+    lookup(&state, &headers, &id, kind).await
+}
+
+/// Whether the query asks for a stream (`stream=true`, as the SDK sends it); the other
+/// parameters (`include[]`, `starting_after`, `include_obfuscation`) change nothing here.
+fn wants_stream(query: Option<&str>) -> bool {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .any(|(key, value)| key == "stream" && (value.eq_ignore_ascii_case("true") || value == "1"))
 }
 
 pub async fn delete(State(state): State<EdgeState>, headers: HeaderMap, Path(id): Path<String>) -> Response {

@@ -37,7 +37,12 @@ pub fn plan(spec: &ToolSpec, calls_before_answer: u32, seed: u64) -> Result<Opti
     };
     Ok(tool.map(|tool| PlannedCall {
         name: tool.get("name").and_then(Value::as_str).unwrap_or_default().to_owned(),
-        arguments: tool.get("parameters").map_or_else(|| json!({}), |schema| synthesize(schema, seed, 0)),
+        // A function without a schema (`parameters` absent or null, as the API allows) takes an
+        // object with any properties: its arguments are `{}`, never a bare value.
+        arguments: match tool.get("parameters") {
+            Some(schema @ Value::Object(_)) => synthesize(schema, seed, 0),
+            _ => json!({}),
+        },
     }))
 }
 
@@ -145,6 +150,21 @@ mod tests {
         assert!(["c", "f"].contains(&args["unit"].as_str().unwrap()));
         assert!(args["tags"].as_array().unwrap().iter().all(Value::is_string));
         assert!(plan(&spec(ToolChoice::Function, "nope", 0), 0, 1).is_err());
+    }
+
+    #[test]
+    fn a_function_without_a_schema_gets_an_empty_object() {
+        for tool in
+            [json!({"type":"function","name":"ping"}), json!({"type":"function","name":"ping","parameters":null})]
+        {
+            let spec = ToolSpec {
+                tools_json: json!([tool]).to_string(),
+                choice: ToolChoice::Required as i32,
+                function: String::new(),
+                tool_outputs_seen: 0,
+            };
+            assert_eq!(plan(&spec, 0, 7).unwrap().unwrap().arguments, json!({}), "{tool}");
+        }
     }
 
     #[test]

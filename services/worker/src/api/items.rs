@@ -99,12 +99,7 @@ fn parse_item(index: usize, item: &Value) -> Result<Item, WorkerError> {
                     "'role' must be one of user, assistant, system, developer.",
                 )
             })?;
-            let text = content_text(object.get("content")).ok_or_else(|| {
-                WorkerError::invalid(
-                    format!("{}.content", param()),
-                    "'content' must be a string or a list of content parts.",
-                )
-            })?;
+            let text = content_text(object.get("content"), &format!("{}.content", param()), "content")?;
             Ok(Item::Message { role, text })
         }
         "function_call" => Ok(Item::FunctionCall {
@@ -120,12 +115,7 @@ fn parse_item(index: usize, item: &Value) -> Result<Item, WorkerError> {
         "function_call_output" => {
             let output = match object.get("output") {
                 Some(Value::String(output)) => output.clone(),
-                Some(parts @ Value::Array(_)) => content_text(Some(parts)).ok_or_else(|| {
-                    WorkerError::invalid(
-                        format!("{}.output", param()),
-                        "'output' must be a string or a list of content parts.",
-                    )
-                })?,
+                Some(parts @ Value::Array(_)) => content_text(Some(parts), &format!("{}.output", param()), "output")?,
                 _ => return Err(WorkerError::invalid(format!("{}.output", param()), "Missing required 'output'.")),
             };
             Ok(Item::FunctionCallOutput { call_id: string("call_id")?, output })
@@ -138,23 +128,54 @@ fn parse_item(index: usize, item: &Value) -> Result<Item, WorkerError> {
 }
 
 /// Flattens message content (a string or parts with text) into text. Non-text parts (images,
-/// files) are not supported by the text models tether serves and are rejected.
-fn content_text(content: Option<&Value>) -> Option<String> {
-    match content? {
-        Value::String(text) => Some(text.clone()),
-        Value::Array(parts) => {
+/// files, audio) are not supported by the text models tether serves: they are refused with
+/// `param` pointing at the part (`input[0].content[1]`).
+fn content_text(content: Option<&Value>, param: &str, field: &str) -> Result<String, WorkerError> {
+    let malformed = || WorkerError::invalid(param, format!("'{field}' must be a string or a list of content parts."));
+    match content {
+        Some(Value::String(text)) => Ok(text.clone()),
+        Some(Value::Array(parts)) => {
             let mut text = String::new();
-            for part in parts {
-                let kind = part.get("type").and_then(Value::as_str)?;
+            for (index, part) in parts.iter().enumerate() {
+                let part_param = format!("{param}[{index}]");
+                let Some(kind) = part.get("type").and_then(Value::as_str) else {
+                    return Err(WorkerError::invalid(
+                        format!("{part_param}.type"),
+                        "Each content part needs a string 'type'.",
+                    ));
+                };
+                let field_text = |name: &str| {
+                    part.get(name).and_then(Value::as_str).ok_or_else(|| {
+                        WorkerError::invalid(
+                            format!("{part_param}.{name}"),
+                            format!("A '{kind}' part needs a string '{name}'."),
+                        )
+                    })
+                };
                 match kind {
-                    "input_text" | "output_text" | "text" => text.push_str(part.get("text")?.as_str()?),
-                    "refusal" => text.push_str(part.get("refusal")?.as_str()?),
-                    _ => return None,
+                    "input_text" | "output_text" | "text" => text.push_str(field_text("text")?),
+                    "refusal" => text.push_str(field_text("refusal")?),
+                    "input_image" | "input_file" | "input_audio" => {
+                        return Err(WorkerError::invalid_with_code(
+                            part_param,
+                            format!(
+                                "Content part type '{kind}' is not supported by this model: it takes text only \
+                                 ('input_text' parts or a string)."
+                            ),
+                            "unsupported_content",
+                        ));
+                    }
+                    other => {
+                        return Err(WorkerError::invalid(
+                            format!("{part_param}.type"),
+                            format!("Content part type '{other}' is not supported."),
+                        ));
+                    }
                 }
             }
-            Some(text)
+            Ok(text)
         }
-        _ => None,
+        _ => Err(malformed()),
     }
 }
 
@@ -189,7 +210,16 @@ mod tests {
             (json!([{"type":"function_call_output","output":"x"}]), "input[0].call_id"),
             (json!([{"role":"robot","content":"x"}]), "input[0].role"),
             (json!([{"type":"web_search_call"}]), "input[0].type"),
-            (json!([{"role":"user","content":[{"type":"input_image"}]}]), "input[0].content"),
+            (json!([{"role":"user","content":5}]), "input[0].content"),
+            (
+                json!([{"role":"user","content":[{"type":"input_text","text":"a"},{"type":"input_image"}]}]),
+                "input[0].content[1]",
+            ),
+            (json!([{"role":"user","content":[{"type":"input_text"}]}]), "input[0].content[0].text"),
+            (
+                json!([{"type":"function_call_output","call_id":"c","output":[{"type":"input_file"}]}]),
+                "input[0].output[0]",
+            ),
         ] {
             let error = parse_input(Some(&bad)).unwrap_err();
             assert_eq!(error.api_error().param, param, "{bad}");

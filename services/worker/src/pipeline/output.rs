@@ -64,9 +64,21 @@ impl OutputBuilder {
     }
 
     /// Flushes what is left; `status` is the final status of an open message.
+    ///
+    /// A call still open when generation stops early (`incomplete`: `max_output_tokens` cut it,
+    /// or the turn failed) is dropped: its arguments are not complete JSON, so it is no call,
+    /// and its markup is the model's syntax, never answer text. A call the model left open at
+    /// a natural stop stays text, as any malformed call does.
     pub async fn finish(&mut self, emitter: &mut Emitter, status: &str) -> Result<(), Closed> {
         let rest = std::mem::take(&mut self.buffer);
-        let rest = if self.in_call { format!("{TOOL_CALL_OPEN}{rest}") } else { rest };
+        let rest = match (self.in_call, status) {
+            (true, "completed") => format!("{TOOL_CALL_OPEN}{rest}"),
+            (true, _) => String::new(),
+            (false, "completed") => rest,
+            // Held-back bytes that may begin a tag: a cut tag is markup too.
+            (false, _) if TOOL_CALL_OPEN.starts_with(rest.as_str()) => String::new(),
+            (false, _) => rest,
+        };
         self.in_call = false;
         self.text(emitter, &rest).await?;
         self.close_message(emitter, status).await
@@ -189,13 +201,17 @@ mod tests {
     use crate::api::items::Item;
 
     async fn run(pieces: &[&str]) -> (OutputBuilder, Vec<String>) {
+        run_to(pieces, "completed").await
+    }
+
+    async fn run_to(pieces: &[&str], status: &str) -> (OutputBuilder, Vec<String>) {
         let (tx, mut rx) = mpsc::channel(1024);
         let mut emitter = Emitter::new(tx, None, false);
         let mut builder = OutputBuilder::new();
         for piece in pieces {
             builder.push(&mut emitter, piece).await.unwrap();
         }
-        builder.finish(&mut emitter, "completed").await.unwrap();
+        builder.finish(&mut emitter, status).await.unwrap();
         drop(emitter);
         let mut types = Vec::new();
         while let Some(Ok(event)) = rx.recv().await {
@@ -228,6 +244,18 @@ mod tests {
         );
         let (builder, _) = run(&["<tool_call>{\"name\":\"x\""]).await;
         assert!(matches!(&builder.items[..], [Item::Message { .. }]), "an unterminated call is text");
+    }
+
+    #[tokio::test]
+    async fn a_call_cut_by_the_token_limit_leaks_no_markup() {
+        for pieces in [&["<tool_call>{\"name\":\"run\",\"argu"][..], &["<tool"], &["<tool_call>"]] {
+            let (builder, types) = run_to(pieces, "incomplete").await;
+            assert!(builder.items.is_empty() && builder.output.is_empty(), "{pieces:?}");
+            assert!(types.is_empty(), "no event for a cut call: {types:?}");
+        }
+        let (builder, _) = run_to(&["Checking. <tool_call>{\"name\":"], "incomplete").await;
+        assert!(matches!(&builder.items[..], [Item::Message { text, .. }] if text == "Checking. "));
+        assert_eq!(builder.output[0]["status"], "incomplete");
     }
 
     #[test]
