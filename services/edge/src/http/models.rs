@@ -9,8 +9,8 @@ use tether_common::ErrorClass;
 use tether_common::discovery::NodeKind;
 use tether_proto::worker::v1::ListModelsRequest;
 
-use crate::app::EdgeState;
 use crate::error::{http_error, unavailable};
+use crate::state::EdgeState;
 
 pub async fn list(State(state): State<EdgeState>, headers: HeaderMap) -> Response {
     let tenant = match state.auth.tenant(&headers) {
