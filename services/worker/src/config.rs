@@ -4,12 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use tether_common::config::CommonArgs;
 use tether_common::tls::Tls;
 
 use crate::budget::PrefillLimit;
-use crate::replication::ReplicationMode;
 use crate::session::CacheLimits;
 
 #[derive(Clone, Debug, Args)]
@@ -145,4 +144,15 @@ impl From<WorkerArgs> for WorkerConfig {
             tls: None,
         }
     }
+}
+
+/// When a completed response is copied to its replica.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum ReplicationMode {
+    /// Before the terminal event: a client that saw `completed` can continue after a crash.
+    #[default]
+    Sync,
+    /// After the terminal event, off the critical path.
+    Async,
+    Off,
 }
