@@ -239,7 +239,7 @@ impl Admission {
             return Err(Self::refuse(tenant, Limit::EdgeConnections));
         };
         metrics::gauge!(m::WS_CONNECTIONS, "tenant" => tenant.name.to_string()).increment(1.0);
-        metrics::counter!(m::WS_CONNECTIONS_TOTAL).increment(1);
+        metrics::counter!(m::WS_CONNECTIONS_ACCEPTED).increment(1);
         Ok(ConnectionGuard { tenant: tenant.clone(), _tenant_permit: tenant_permit, _edge_permit: edge_permit })
     }
 

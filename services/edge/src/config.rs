@@ -8,6 +8,27 @@ use clap::{Args, ValueEnum};
 use tether_common::config::CommonArgs;
 use tether_common::tls::Tls;
 
+/// The edge's defaults that the clap attributes and [`EdgeConfig::for_test`] share, written
+/// once. Durations are humantime strings, as the flags take them.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+    pub const WS_MAX_LIFETIME: &str = "60m";
+    pub const TENANT_BURST: u32 = 200;
+    pub const CLIENT_READ_TIMEOUT: &str = "30s";
+    pub const WS_MAX_QUEUED: usize = 64;
+    pub const WS_MAX_QUEUED_BYTES: usize = 32 << 20;
+    pub const HEADER_READ_TIMEOUT: &str = "10s";
+    pub const BODY_READ_TIMEOUT: &str = "30s";
+    pub const LOAD_FACTOR: f64 = 1.25;
+
+    /// One of the duration defaults above, parsed.
+    pub fn duration(text: &str) -> Duration {
+        humantime::parse_duration(text).expect("a default duration parses")
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum AuthMode {
     /// Any bearer key is accepted; every request belongs to tenant `default` (local use).
@@ -40,7 +61,7 @@ pub struct EdgeLimitArgs {
     pub api_keys: Vec<(String, String)>,
 
     /// Largest HTTP body or WebSocket message accepted, in bytes.
-    #[arg(long, env = "TETHER_EDGE_MAX_MESSAGE_BYTES", default_value_t = 16 << 20, help_heading = "Limits")]
+    #[arg(long, env = "TETHER_EDGE_MAX_MESSAGE_BYTES", default_value_t = defaults::MAX_MESSAGE_BYTES, help_heading = "Limits")]
     pub max_message_bytes: usize,
 
     /// Open WebSocket connections accepted at once.
@@ -52,7 +73,7 @@ pub struct EdgeLimitArgs {
     pub max_in_flight: usize,
 
     /// Lifetime of a WebSocket connection.
-    #[arg(long, env = "TETHER_EDGE_WS_MAX_LIFETIME", value_parser = humantime::parse_duration, default_value = "60m", help_heading = "Limits")]
+    #[arg(long, env = "TETHER_EDGE_WS_MAX_LIFETIME", value_parser = humantime::parse_duration, default_value = defaults::WS_MAX_LIFETIME, help_heading = "Limits")]
     pub ws_max_lifetime: Duration,
 
     /// Responses in progress at once per tenant [default: --max-in-flight divided by the
@@ -72,7 +93,7 @@ pub struct EdgeLimitArgs {
     pub tenant_rate: Option<f64>,
 
     /// Requests a tenant may make at once above its rate (token bucket size).
-    #[arg(long, env = "TETHER_EDGE_TENANT_BURST", default_value_t = 200, help_heading = "Tenant limits")]
+    #[arg(long, env = "TETHER_EDGE_TENANT_BURST", default_value_t = defaults::TENANT_BURST, help_heading = "Tenant limits")]
     pub tenant_burst: u32,
 
     /// One tenant's own limit as `tenant:limit=value`, limit one of `max-in-flight`,
@@ -82,23 +103,23 @@ pub struct EdgeLimitArgs {
 
     /// A response whose client reads nothing for this long is cancelled and frees its slot
     /// (the WebSocket connection closes; the SSE stream is cut).
-    #[arg(long, env = "TETHER_EDGE_CLIENT_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s", help_heading = "Limits")]
+    #[arg(long, env = "TETHER_EDGE_CLIENT_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = defaults::CLIENT_READ_TIMEOUT, help_heading = "Limits")]
     pub client_read_timeout: Duration,
 
     /// Creates queued (not yet started) on one WebSocket connection; more get an `error` event.
-    #[arg(long, env = "TETHER_EDGE_WS_MAX_QUEUED", default_value_t = 64, help_heading = "Limits")]
+    #[arg(long, env = "TETHER_EDGE_WS_MAX_QUEUED", default_value_t = defaults::WS_MAX_QUEUED, help_heading = "Limits")]
     pub ws_max_queued: usize,
 
     /// Bytes of creates queued on one WebSocket connection; more get an `error` event.
-    #[arg(long, env = "TETHER_EDGE_WS_MAX_QUEUED_BYTES", default_value_t = 32 << 20, help_heading = "Limits")]
+    #[arg(long, env = "TETHER_EDGE_WS_MAX_QUEUED_BYTES", default_value_t = defaults::WS_MAX_QUEUED_BYTES, help_heading = "Limits")]
     pub ws_max_queued_bytes: usize,
 
     /// Time a client has to send a request's headers (HTTP/1.1; also the idle keep-alive limit).
-    #[arg(long, env = "TETHER_EDGE_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s", help_heading = "Limits")]
+    #[arg(long, env = "TETHER_EDGE_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = defaults::HEADER_READ_TIMEOUT, help_heading = "Limits")]
     pub header_read_timeout: Duration,
 
     /// Time a client has to send a whole request body; past it the request gets 408.
-    #[arg(long, env = "TETHER_EDGE_BODY_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s", help_heading = "Limits")]
+    #[arg(long, env = "TETHER_EDGE_BODY_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = defaults::BODY_READ_TIMEOUT, help_heading = "Limits")]
     pub body_read_timeout: Duration,
 
     /// HTTP connections open at once (not counting those upgraded to WebSocket, which
@@ -112,7 +133,7 @@ pub struct EdgeLimitArgs {
     pub admin_key: Option<String>,
 
     /// Bounded-load factor of placement: no worker above this times the average.
-    #[arg(long, env = "TETHER_EDGE_LOAD_FACTOR", default_value_t = 1.25, help_heading = "Placement")]
+    #[arg(long, env = "TETHER_EDGE_LOAD_FACTOR", default_value_t = defaults::LOAD_FACTOR, help_heading = "Placement")]
     pub load_factor: f64,
 }
 
@@ -213,23 +234,24 @@ impl EdgeConfig {
         EdgeConfig {
             auth: AuthMode::Open,
             api_keys: HashMap::new(),
-            max_message_bytes: 16 << 20,
+            max_message_bytes: defaults::MAX_MESSAGE_BYTES,
+            // smaller than the flags' defaults: a test that fills them stays quick
             max_connections: 1_000,
             max_in_flight: 1_000,
-            ws_max_lifetime: Duration::from_secs(3600),
+            ws_max_lifetime: defaults::duration(defaults::WS_MAX_LIFETIME),
             tenant_max_in_flight: None,
             tenant_max_connections: None,
             tenant_rate: None,
-            tenant_burst: 200,
+            tenant_burst: defaults::TENANT_BURST,
             tenant_limits: Vec::new(),
-            client_read_timeout: Duration::from_secs(30),
-            ws_max_queued: 64,
-            ws_max_queued_bytes: 32 << 20,
-            header_read_timeout: Duration::from_secs(10),
-            body_read_timeout: Duration::from_secs(30),
+            client_read_timeout: defaults::duration(defaults::CLIENT_READ_TIMEOUT),
+            ws_max_queued: defaults::WS_MAX_QUEUED,
+            ws_max_queued_bytes: defaults::WS_MAX_QUEUED_BYTES,
+            header_read_timeout: defaults::duration(defaults::HEADER_READ_TIMEOUT),
+            body_read_timeout: defaults::duration(defaults::BODY_READ_TIMEOUT),
             max_http_connections: 1_000,
             admin_key: None,
-            load_factor: 1.25,
+            load_factor: defaults::LOAD_FACTOR,
             shutdown_grace: Duration::from_secs(5),
             tls: None,
         }

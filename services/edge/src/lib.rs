@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 pub mod relay;
 mod server;
+pub mod state;
 pub mod workers;
 pub mod ws;
 

@@ -3,7 +3,7 @@
 
 pub const REQUESTS: &str = "tether_edge_requests_total";
 pub const WS_CONNECTIONS: &str = "tether_edge_ws_connections";
-pub const WS_CONNECTIONS_TOTAL: &str = "tether_edge_ws_connections_total";
+pub const WS_CONNECTIONS_ACCEPTED: &str = "tether_edge_ws_connections_accepted_total";
 pub const WS_CLIENT_ERRORS: &str = "tether_edge_ws_client_errors_total";
 pub const EVENTS_RELAYED: &str = "tether_edge_events_relayed_total";
 pub const FIRST_EVENT_SECONDS: &str = "tether_edge_first_event_seconds";
@@ -19,7 +19,7 @@ pub const HTTP_CONNECTIONS_REFUSED: &str = "tether_edge_http_connections_refused
 pub fn describe() {
     metrics::describe_counter!(REQUESTS, "Responses requests by transport, tenant and outcome");
     metrics::describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections, by tenant");
-    metrics::describe_counter!(WS_CONNECTIONS_TOTAL, "WebSocket connections accepted");
+    metrics::describe_counter!(WS_CONNECTIONS_ACCEPTED, "WebSocket connections accepted");
     metrics::describe_counter!(WS_CLIENT_ERRORS, "Client events rejected, by code");
     metrics::describe_counter!(EVENTS_RELAYED, "Events relayed to clients");
     metrics::describe_histogram!(FIRST_EVENT_SECONDS, metrics::Unit::Seconds, "Request to first relayed event");

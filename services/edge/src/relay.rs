@@ -8,9 +8,9 @@ use tether_common::{ErrorClass, SessionKey};
 use tether_proto::worker::v1::{ApiError, TurnEvent, TurnRequest, turn_event};
 use tonic::Streaming;
 
-use crate::app::EdgeState;
 use crate::error::unavailable;
 use crate::metrics as m;
+use crate::state::EdgeState;
 use crate::workers::{ActiveSession, WorkerHandle};
 
 /// How many workers a turn tries before it fails: the owner and, after ejecting it, the

@@ -10,9 +10,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::accept::{HttpLimits, serve_http};
-use crate::app::{EdgeState, router};
+use crate::app::router;
 use crate::config::EdgeConfig;
 use crate::error::EdgeError;
+use crate::state::EdgeState;
 use crate::workers::WorkerPool;
 
 /// Serves an edge on `listener` until `shutdown`.

@@ -10,10 +10,29 @@ use tether_common::tls::Tls;
 
 use crate::engine::sim::SimConfig;
 
+/// The shard's defaults, written once: the clap attributes and the `Default` impls (used by
+/// `tether dev` and the tests, which parse no command line) both read them.
+pub mod defaults {
+    pub const LISTEN: &str = "127.0.0.1:7100";
+    pub const CACHE_TOKENS: u64 = 4_000_000;
+    pub const LLAMA_CONTEXT_TOKENS: u32 = 8192;
+    pub const LLAMA_SEQUENCES: u32 = 16;
+    pub const LLAMA_BATCH_TOKENS: u32 = 512;
+    pub const LLAMA_MAX_OUTPUT_TOKENS: u32 = 512;
+    pub const SIM_MODEL: &str = "tether-sim";
+    /// A humantime duration, as the flag takes it.
+    pub const SIM_TTFT_BASE: &str = "2ms";
+    pub const SIM_PREFILL_US_PER_TOKEN: f64 = 20.0;
+    pub const SIM_DECODE_TOKENS_PER_SECOND: f64 = 1000.0;
+    pub const SIM_SLOTS: u32 = 64;
+    pub const SIM_OUTPUT_TOKENS: u32 = 32;
+    pub const SIM_CONTEXT_WINDOW: u32 = 32_768;
+}
+
 #[derive(Clone, Debug, Args)]
 pub struct ShardArgs {
     /// Address to listen on for gRPC and the operations endpoints.
-    #[arg(long, env = "TETHER_SHARD_LISTEN", default_value = "127.0.0.1:7100")]
+    #[arg(long, env = "TETHER_SHARD_LISTEN", default_value = defaults::LISTEN)]
     pub listen: SocketAddr,
 
     /// Address peers dial (defaults to the bound address).
@@ -25,7 +44,7 @@ pub struct ShardArgs {
     pub id: Option<String>,
 
     /// Total tokens the KV cache may hold across sessions (LRU beyond it).
-    #[arg(long, env = "TETHER_SHARD_CACHE_TOKENS", default_value_t = 4_000_000, help_heading = "Cache")]
+    #[arg(long, env = "TETHER_SHARD_CACHE_TOKENS", default_value_t = defaults::CACHE_TOKENS, help_heading = "Cache")]
     pub cache_tokens: u64,
 
     #[command(flatten)]
@@ -64,11 +83,11 @@ pub struct EngineArgs {
     pub model_name: Option<String>,
 
     /// KV cache size in tokens, shared by every session (one unified llama.cpp cache).
-    #[arg(long = "llama-context", env = "TETHER_LLAMA_CONTEXT", default_value_t = 8192, help_heading = "Engine")]
+    #[arg(long = "llama-context", env = "TETHER_LLAMA_CONTEXT", default_value_t = defaults::LLAMA_CONTEXT_TOKENS, help_heading = "Engine")]
     pub context_tokens: u32,
 
     /// Sessions held at once (llama.cpp sequences); the least recently used is evicted beyond it.
-    #[arg(long = "llama-sequences", env = "TETHER_LLAMA_SEQUENCES", default_value_t = 16, help_heading = "Engine")]
+    #[arg(long = "llama-sequences", env = "TETHER_LLAMA_SEQUENCES", default_value_t = defaults::LLAMA_SEQUENCES, help_heading = "Engine")]
     pub sequences: u32,
 
     /// CPU threads for decoding (defaults to the available cores).
@@ -76,14 +95,14 @@ pub struct EngineArgs {
     pub threads: Option<u32>,
 
     /// Tokens per llama.cpp decode call (prefill chunk size).
-    #[arg(long = "llama-batch", env = "TETHER_LLAMA_BATCH", default_value_t = 512, help_heading = "Engine")]
+    #[arg(long = "llama-batch", env = "TETHER_LLAMA_BATCH", default_value_t = defaults::LLAMA_BATCH_TOKENS, help_heading = "Engine")]
     pub batch_tokens: u32,
 
     /// Output length when a request sets no `max_output_tokens`.
     #[arg(
         long = "llama-max-output-tokens",
         env = "TETHER_LLAMA_MAX_OUTPUT_TOKENS",
-        default_value_t = 512,
+        default_value_t = defaults::LLAMA_MAX_OUTPUT_TOKENS,
         help_heading = "Engine"
     )]
     pub max_output_tokens: u32,
@@ -95,11 +114,11 @@ impl Default for EngineArgs {
             engine: EngineKind::Sim,
             model: None,
             model_name: None,
-            context_tokens: 8192,
-            sequences: 16,
+            context_tokens: defaults::LLAMA_CONTEXT_TOKENS,
+            sequences: defaults::LLAMA_SEQUENCES,
             threads: None,
-            batch_tokens: 512,
-            max_output_tokens: 512,
+            batch_tokens: defaults::LLAMA_BATCH_TOKENS,
+            max_output_tokens: defaults::LLAMA_MAX_OUTPUT_TOKENS,
         }
     }
 }
@@ -140,16 +159,16 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
-    /// Defaults for the model at `model_path`: 8192 tokens of KV cache, 16 sequences, every core.
+    /// Defaults for the model at `model_path`: the `--llama-*` flags' defaults, every core.
     pub fn new(model_path: PathBuf) -> Self {
         LlamaConfig {
             model_name: default_model_name(&model_path),
             model_path,
-            context_tokens: 8192,
-            sequences: 16,
+            context_tokens: defaults::LLAMA_CONTEXT_TOKENS,
+            sequences: defaults::LLAMA_SEQUENCES,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
-            batch_tokens: 512,
-            max_output_tokens: 512,
+            batch_tokens: defaults::LLAMA_BATCH_TOKENS,
+            max_output_tokens: defaults::LLAMA_MAX_OUTPUT_TOKENS,
         }
     }
 }
@@ -168,20 +187,20 @@ pub struct SimArgs {
         long = "sim-model",
         env = "TETHER_SIM_MODELS",
         value_delimiter = ',',
-        default_value = "tether-sim",
+        default_value = defaults::SIM_MODEL,
         help_heading = "Sim engine"
     )]
     pub models: Vec<String>,
 
     /// Fixed time to first token.
-    #[arg(long = "sim-ttft-base", env = "TETHER_SIM_TTFT_BASE", value_parser = humantime::parse_duration, default_value = "2ms", help_heading = "Sim engine")]
+    #[arg(long = "sim-ttft-base", env = "TETHER_SIM_TTFT_BASE", value_parser = humantime::parse_duration, default_value = defaults::SIM_TTFT_BASE, help_heading = "Sim engine")]
     pub ttft_base: Duration,
 
     /// Prefill cost per uncached prompt token, in microseconds.
     #[arg(
         long = "sim-prefill-us-per-token",
         env = "TETHER_SIM_PREFILL_US_PER_TOKEN",
-        default_value_t = 20.0,
+        default_value_t = defaults::SIM_PREFILL_US_PER_TOKEN,
         help_heading = "Sim engine"
     )]
     pub prefill_us_per_token: f64,
@@ -190,20 +209,20 @@ pub struct SimArgs {
     #[arg(
         long = "sim-decode-tps",
         env = "TETHER_SIM_DECODE_TPS",
-        default_value_t = 1000.0,
+        default_value_t = defaults::SIM_DECODE_TOKENS_PER_SECOND,
         help_heading = "Sim engine"
     )]
     pub decode_tokens_per_second: f64,
 
     /// Concurrent decode slots; further requests queue.
-    #[arg(long = "sim-slots", env = "TETHER_SIM_SLOTS", default_value_t = 64, help_heading = "Sim engine")]
+    #[arg(long = "sim-slots", env = "TETHER_SIM_SLOTS", default_value_t = defaults::SIM_SLOTS, help_heading = "Sim engine")]
     pub slots: u32,
 
     /// Length of a text answer unless the request says otherwise.
     #[arg(
         long = "sim-output-tokens",
         env = "TETHER_SIM_OUTPUT_TOKENS",
-        default_value_t = 32,
+        default_value_t = defaults::SIM_OUTPUT_TOKENS,
         help_heading = "Sim engine"
     )]
     pub output_tokens: u32,
@@ -213,7 +232,7 @@ pub struct SimArgs {
     #[arg(
         long = "sim-context-window",
         env = "TETHER_SIM_CONTEXT_WINDOW",
-        default_value_t = 32_768,
+        default_value_t = defaults::SIM_CONTEXT_WINDOW,
         help_heading = "Sim engine"
     )]
     pub context_window: u32,
@@ -222,13 +241,13 @@ pub struct SimArgs {
 impl Default for SimArgs {
     fn default() -> Self {
         SimArgs {
-            models: vec!["tether-sim".into()],
-            ttft_base: Duration::from_millis(2),
-            prefill_us_per_token: 20.0,
-            decode_tokens_per_second: 1000.0,
-            slots: 64,
-            output_tokens: 32,
-            context_window: 32_768,
+            models: vec![defaults::SIM_MODEL.into()],
+            ttft_base: humantime::parse_duration(defaults::SIM_TTFT_BASE).expect("the default duration parses"),
+            prefill_us_per_token: defaults::SIM_PREFILL_US_PER_TOKEN,
+            decode_tokens_per_second: defaults::SIM_DECODE_TOKENS_PER_SECOND,
+            slots: defaults::SIM_SLOTS,
+            output_tokens: defaults::SIM_OUTPUT_TOKENS,
+            context_window: defaults::SIM_CONTEXT_WINDOW,
         }
     }
 }
@@ -282,7 +301,7 @@ impl ShardConfig {
         ShardConfig {
             id: None,
             advertise: None,
-            cache_tokens: 4_000_000,
+            cache_tokens: defaults::CACHE_TOKENS,
             sim: sim.into(),
             llama: None,
             shutdown_grace,
@@ -308,5 +327,34 @@ impl From<ShardArgs> for ShardConfig {
             // loaded and checked by the caller (`TlsArgs::load` reads files and can fail)
             tls: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{EngineArgs, SimArgs};
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        sim: SimArgs,
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    /// `Default` and the flags' defaults come from the same constants; this holds them equal
+    /// (when no `TETHER_SIM_*` or `TETHER_LLAMA_*` variable is set, as clap reads them).
+    #[test]
+    fn defaults_match_an_empty_command_line() {
+        let set_in_env =
+            std::env::vars().any(|(name, _)| name.starts_with("TETHER_SIM_") || name.starts_with("TETHER_LLAMA_"));
+        if set_in_env {
+            return;
+        }
+        let flags = Flags::try_parse_from(["shard"]).expect("an empty command line parses");
+        assert_eq!(format!("{:?}", flags.sim), format!("{:?}", SimArgs::default()));
+        assert_eq!(format!("{:?}", flags.engine), format!("{:?}", EngineArgs::default()));
     }
 }

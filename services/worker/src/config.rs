@@ -4,13 +4,21 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use tether_common::config::CommonArgs;
 use tether_common::tls::Tls;
 
 use crate::budget::PrefillLimit;
-use crate::replication::ReplicationMode;
 use crate::session::CacheLimits;
+
+/// The worker's defaults that the clap attributes and [`WorkerConfig::for_test`] share,
+/// written once. Durations are humantime strings, as the flags take them.
+pub mod defaults {
+    pub const CACHE_TTL: &str = "1h";
+    pub const DEFAULT_MODEL: &str = "tether-sim";
+    pub const TENANT_PREFILL_TOKENS_PER_SECOND: u32 = 10_000_000;
+    pub const TENANT_PREFILL_BURST: u32 = 20_000_000;
+}
 
 #[derive(Clone, Debug, Args)]
 pub struct WorkerArgs {
@@ -35,11 +43,11 @@ pub struct WorkerArgs {
     pub cache_entries: usize,
 
     /// How long a response's state stays resolvable.
-    #[arg(long, env = "TETHER_WORKER_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "1h", help_heading = "Session cache")]
+    #[arg(long, env = "TETHER_WORKER_CACHE_TTL", value_parser = humantime::parse_duration, default_value = defaults::CACHE_TTL, help_heading = "Session cache")]
     pub cache_ttl: Duration,
 
     /// Model used when a request names none.
-    #[arg(long, env = "TETHER_WORKER_DEFAULT_MODEL", default_value = "tether-sim")]
+    #[arg(long, env = "TETHER_WORKER_DEFAULT_MODEL", default_value = defaults::DEFAULT_MODEL)]
     pub default_model: String,
 
     /// When completed store=true responses are copied to their ring successor.
@@ -60,7 +68,7 @@ pub struct WorkerArgs {
     #[arg(
         long = "tenant-prefill-tokens-per-second",
         env = "TETHER_WORKER_TENANT_PREFILL_TOKENS_PER_SECOND",
-        default_value_t = 10_000_000,
+        default_value_t = defaults::TENANT_PREFILL_TOKENS_PER_SECOND,
         help_heading = "Limits"
     )]
     pub tenant_prefill_tokens_per_second: u32,
@@ -69,7 +77,7 @@ pub struct WorkerArgs {
     #[arg(
         long = "tenant-prefill-burst",
         env = "TETHER_WORKER_TENANT_PREFILL_BURST",
-        default_value_t = 20_000_000,
+        default_value_t = defaults::TENANT_PREFILL_BURST,
         help_heading = "Limits"
     )]
     pub tenant_prefill_burst: u32,
@@ -114,12 +122,20 @@ impl WorkerConfig {
         WorkerConfig {
             id: None,
             advertise: None,
-            cache: CacheLimits { max_bytes: 256 << 20, max_entries: 100_000, ttl: Duration::from_secs(3600) },
-            default_model: "tether-sim".into(),
+            // a smaller cache than the flags' defaults (1 GiB, 1,000,000 entries)
+            cache: CacheLimits {
+                max_bytes: 256 << 20,
+                max_entries: 100_000,
+                ttl: humantime::parse_duration(defaults::CACHE_TTL).expect("the default ttl parses"),
+            },
+            default_model: defaults::DEFAULT_MODEL.into(),
             safety_patterns: Vec::new(),
             replication: ReplicationMode::Sync,
             llama_models: Vec::new(),
-            prefill_limit: PrefillLimit { tokens_per_second: 10_000_000, burst: 20_000_000 },
+            prefill_limit: PrefillLimit {
+                tokens_per_second: defaults::TENANT_PREFILL_TOKENS_PER_SECOND,
+                burst: defaults::TENANT_PREFILL_BURST,
+            },
             shutdown_grace: Duration::from_secs(5),
             tls: None,
         }
@@ -145,4 +161,15 @@ impl From<WorkerArgs> for WorkerConfig {
             tls: None,
         }
     }
+}
+
+/// When a completed response is copied to its replica.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum ReplicationMode {
+    /// Before the terminal event: a client that saw `completed` can continue after a crash.
+    #[default]
+    Sync,
+    /// After the terminal event, off the critical path.
+    Async,
+    Off,
 }

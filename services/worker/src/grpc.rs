@@ -14,8 +14,9 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::context::WorkerContext;
 use crate::error::WorkerError;
-use crate::pipeline::{WorkerContext, run_turn};
+use crate::pipeline::run_turn;
 use crate::replication;
 use crate::session::convert::to_proto;
 

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod budget;
 pub mod config;
+pub mod context;
 pub mod error;
 pub mod grpc;
 pub mod metrics;

@@ -6,26 +6,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::ValueEnum;
 use tether_common::ErrorClass;
 use tether_proto::worker::v1::{FetchStateRequest, ReplicateRequest, ResponseRef, SessionState};
 
+use crate::context::WorkerContext;
 use crate::metrics as m;
 use crate::peers::PeerClient;
-use crate::pipeline::WorkerContext;
 use crate::session::ResponseState;
 use crate::session::convert::{from_proto, to_proto};
-
-/// When a completed response is copied to its replica.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum ReplicationMode {
-    /// Before the terminal event: a client that saw `completed` can continue after a crash.
-    #[default]
-    Sync,
-    /// After the terminal event, off the critical path.
-    Async,
-    Off,
-}
 
 const CALL_LIMIT: Duration = Duration::from_secs(2);
 

@@ -11,10 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::PrefillBudget;
 use crate::config::WorkerConfig;
+use crate::context::WorkerContext;
 use crate::error::WorkerError;
 use crate::grpc::WorkerService;
 use crate::peers::Peers;
-use crate::pipeline::WorkerContext;
 use crate::replication::hand_off;
 use crate::safety::PatternClassifier;
 use crate::session::SessionCache;

@@ -9,8 +9,9 @@ use tether_common::ErrorClass;
 use tether_common::discovery::NodeKind;
 use tether_proto::worker::v1::{ApiError, ListModelsRequest};
 
-use crate::app::{EdgeState, request_id, with_request_id};
 use crate::error::{api_error, http_error, unavailable};
+use crate::http::responses::with_request_id;
+use crate::state::{EdgeState, request_id};
 
 pub async fn list(State(state): State<EdgeState>, headers: HeaderMap) -> Response {
     let request_id = request_id();

@@ -17,11 +17,18 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::admission::{Outcome, TurnGuard, count_unadmitted};
-use crate::app::{EdgeState, request_id, with_request_id};
 use crate::envelope::Envelope;
 use crate::error::{api_error, http_error, unavailable};
 use crate::metrics as m;
 use crate::relay::{self, RelayItem};
+use crate::state::{EdgeState, request_id};
+
+pub fn with_request_id(mut response: Response, request_id: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
 
 fn body_error(rejection: &BytesRejection, limit: usize) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {

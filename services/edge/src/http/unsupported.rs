@@ -5,8 +5,9 @@
 use axum::http::{Method, Uri};
 use axum::response::Response;
 
-use crate::app::{request_id, with_request_id};
 use crate::error::{api_error, http_error};
+use crate::http::responses::with_request_id;
+use crate::state::request_id;
 
 fn not_implemented(message: &str) -> Response {
     // 501: a retry cannot help (`http_error` sends `x-should-retry: false` for it).

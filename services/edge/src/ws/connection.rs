@@ -25,11 +25,11 @@ use tokio::task::JoinSet;
 
 use super::lanes::{LaneKey, Lanes};
 use crate::admission::{ConnectionGuard, Limit, Outcome};
-use crate::app::{EdgeState, request_id};
 use crate::envelope::Envelope;
 use crate::error::{api_error, invalid, ws_error_event};
 use crate::metrics as m;
 use crate::relay::{self, RelayItem};
+use crate::state::{EdgeState, request_id};
 
 struct Create {
     body: Bytes,

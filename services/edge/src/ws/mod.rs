@@ -10,8 +10,8 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::HeaderMap;
 use axum::response::Response;
 
-use crate::app::{EdgeState, not_an_upgrade};
-use crate::error::{api_error, http_error};
+use crate::error::{api_error, http_error, invalid};
+use crate::state::EdgeState;
 
 pub async fn upgrade(
     State(state): State<EdgeState>,
@@ -49,4 +49,15 @@ pub async fn upgrade(
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| connection::run(socket, state, tenant, key, admitted))
+}
+
+/// The reply to a plain GET on the WebSocket path.
+pub fn not_an_upgrade() -> Response {
+    let mut error = invalid(
+        "invalid_request",
+        "GET /v1/responses needs a WebSocket upgrade; create responses over HTTP with POST.",
+        "",
+    );
+    error.status = 400;
+    http_error(&error)
 }

@@ -10,10 +10,10 @@ use tether_proto::shard::v1::generate_chunk::Kind;
 use tether_proto::shard::v1::{Finished, GenerateRequest, Sampling, ToolChoice, ToolSpec};
 use tokio_stream::StreamExt;
 
-use super::WorkerContext;
 use super::prepare::Prepared;
 use crate::api::events::{Closed, Emitter};
 use crate::api::request::ToolChoice as RequestToolChoice;
+use crate::context::WorkerContext;
 use crate::error::WorkerError;
 use crate::metrics as m;
 use crate::pipeline::output::OutputBuilder;

@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 use tether_common::ResponseId;
-use tether_common::ops::Readiness;
 use tether_common::tokens::PrefixHash;
 use tether_proto::shard::v1::FinishReason;
 use tether_proto::worker::v1::{Delivery, TurnEvent, TurnRequest, turn_event};
@@ -21,31 +20,12 @@ use self::prepare::Prepared;
 use crate::api::events::{Emitter, TurnSink};
 use crate::api::request::CreateRequest;
 use crate::api::response::{ResponseTemplate, now_unix, usage};
-use crate::budget::PrefillBudget;
+use crate::config::ReplicationMode;
+use crate::context::WorkerContext;
 use crate::error::WorkerError;
 use crate::metrics as m;
-use crate::peers::Peers;
-use crate::replication::{self, ReplicationMode};
-use crate::safety::Classifier;
-use crate::session::{ResponseState, Segments, SessionCache};
-use crate::shard_pool::ShardPool;
-use crate::tokenizer::Renderers;
-
-/// Everything a turn needs from its worker.
-pub struct WorkerContext {
-    pub id: String,
-    pub cache: SessionCache,
-    pub shards: ShardPool,
-    /// Renders prompts with each model's tokenizer.
-    pub renderer: Renderers,
-    pub classifier: Arc<dyn Classifier>,
-    pub default_model: String,
-    pub serving: Readiness,
-    pub peers: Peers,
-    pub replication: ReplicationMode,
-    /// Each tenant's budget of uncached prefill tokens.
-    pub prefill_budget: PrefillBudget,
-}
+use crate::replication;
+use crate::session::{ResponseState, Segments};
 
 /// Bodies larger than this are prepared on the blocking pool (parsing, safety and
 /// tokenization of a long stateless history take milliseconds).

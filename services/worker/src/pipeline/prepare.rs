@@ -7,9 +7,9 @@ use tether_common::SessionKey;
 use tether_common::tokens::PrefixHash;
 use tether_proto::worker::v1::TurnRequest;
 
-use super::WorkerContext;
 use crate::api::items::Item;
 use crate::api::request::CreateRequest;
+use crate::context::WorkerContext;
 use crate::error::WorkerError;
 use crate::metrics as m;
 use crate::session::ResponseState;
