@@ -571,6 +571,29 @@ pub mod worker_client {
                 .insert(GrpcMethod::new("tether.worker.v1.Worker", "FetchState"));
             self.inner.unary(req, path, codec).await
         }
+        /// Cancels a turn in flight (POST /v1/responses/{id}/cancel): its final Response object
+        /// with status "cancelled", or the protocol's error for a finished or unknown response.
+        pub async fn cancel_response(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ResponseRef>,
+        ) -> std::result::Result<tonic::Response<super::ResponseBody>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tether.worker.v1.Worker/CancelResponse",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tether.worker.v1.Worker", "CancelResponse"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -640,6 +663,12 @@ pub mod worker_server {
             tonic::Response<super::FetchStateResponse>,
             tonic::Status,
         >;
+        /// Cancels a turn in flight (POST /v1/responses/{id}/cancel): its final Response object
+        /// with status "cancelled", or the protocol's error for a finished or unknown response.
+        async fn cancel_response(
+            &self,
+            request: tonic::Request<super::ResponseRef>,
+        ) -> std::result::Result<tonic::Response<super::ResponseBody>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct WorkerServer<T> {
@@ -1008,6 +1037,49 @@ pub mod worker_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = FetchStateSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tether.worker.v1.Worker/CancelResponse" => {
+                    #[allow(non_camel_case_types)]
+                    struct CancelResponseSvc<T: Worker>(pub Arc<T>);
+                    impl<T: Worker> tonic::server::UnaryService<super::ResponseRef>
+                    for CancelResponseSvc<T> {
+                        type Response = super::ResponseBody;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ResponseRef>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Worker>::cancel_response(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CancelResponseSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -16,6 +16,7 @@ pub fn router(state: EdgeState) -> Router {
     Router::new()
         .route("/v1/responses", post(http::responses::create).get(ws::upgrade))
         .route("/v1/responses/{id}", get(http::responses::retrieve).delete(http::responses::delete))
+        .route("/v1/responses/{id}/cancel", post(http::responses::cancel))
         .route("/v1/responses/compact", post(http::unsupported::compact))
         .route("/v1/responses/input_tokens", post(http::unsupported::input_tokens))
         .route("/v1/models", get(http::models::list))

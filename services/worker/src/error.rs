@@ -11,6 +11,8 @@ pub enum WorkerError {
     PreviousResponseNotFound(String),
     #[error("Response with id '{0}' not found.")]
     ResponseNotFound(String),
+    #[error("Cannot cancel a response with status '{status}': only a response in progress can be cancelled.")]
+    NotCancellable { status: String },
     #[error("The model '{0}' does not exist or you do not have access to it.")]
     ModelNotFound(String),
     #[error("The input was flagged by the safety classifier (category: {0}).")]
@@ -45,6 +47,7 @@ impl WorkerError {
             WorkerError::InvalidRequest { .. }
             | WorkerError::PreviousResponseNotFound(_)
             | WorkerError::ModelNotFound(_)
+            | WorkerError::NotCancellable { .. }
             | WorkerError::Flagged(_) => ErrorClass::InvalidRequest,
             WorkerError::ResponseNotFound(_) => ErrorClass::NotFound,
             WorkerError::RateLimited(_) => ErrorClass::Overloaded,
@@ -70,6 +73,7 @@ impl WorkerError {
             }
             WorkerError::ResponseNotFound(_) => ("invalid_request_error", "not_found", ""),
             WorkerError::ModelNotFound(_) => ("invalid_request_error", "model_not_found", "model"),
+            WorkerError::NotCancellable { .. } => ("invalid_request_error", "response_not_cancellable", ""),
             WorkerError::Flagged(_) => ("invalid_request_error", "invalid_prompt", "input"),
             // A shard refused the job itself (e.g. a prompt past its window that the worker
             // could not check yet): the client's request, in the protocol's shape.

@@ -47,6 +47,19 @@ impl WorkerService {
     }
 }
 
+fn error_body(error: &WorkerError) -> ResponseBody {
+    ResponseBody { kind: Some(response_body::Kind::Error(error.api_error())) }
+}
+
+/// The cancel's answer for a response that already ended: the object itself once it was
+/// cancelled (a repeated cancel), otherwise the error naming its status.
+fn cancel_reply(response: &serde_json::Value) -> ResponseBody {
+    match response.get("status").and_then(serde_json::Value::as_str) {
+        Some("cancelled") => ResponseBody { kind: Some(response_body::Kind::Json(response.to_string().into_bytes())) },
+        status => error_body(&WorkerError::NotCancellable { status: status.unwrap_or("unknown").to_owned() }),
+    }
+}
+
 fn not_found(id: &str) -> ResponseBody {
     ResponseBody { kind: Some(response_body::Kind::Error(WorkerError::ResponseNotFound(id.to_owned()).api_error())) }
 }
@@ -130,5 +143,23 @@ impl Worker for WorkerService {
             .filter(|state| state.store)
             .map(|state| to_proto(&state, false));
         Ok(Response::new(FetchStateResponse { state }))
+    }
+
+    async fn cancel_response(&self, request: Request<ResponseRef>) -> Result<Response<ResponseBody>, Status> {
+        let reference = request.into_inner();
+        let (tenant, id) = (&reference.tenant, &reference.response_id);
+        let body = match self.ctx.in_flight.cancel(tenant, id).await {
+            Some(Some(response)) => cancel_reply(&response),
+            // The turn ended without a Response (its client went away first): nothing remains.
+            Some(None) => not_found(id),
+            None => match self.stored(&reference).await {
+                Some(state) => match serde_json::from_slice::<serde_json::Value>(&state.response_json) {
+                    Ok(response) => cancel_reply(&response),
+                    Err(_) => not_found(id),
+                },
+                None => not_found(id),
+            },
+        };
+        Ok(Response::new(body))
     }
 }

@@ -60,6 +60,7 @@ pub async fn serve_with(
         peers: Peers::start(discovery.as_ref(), &id, config.tls.clone(), stop.clone()),
         replication: config.replication,
         prefill_budget: PrefillBudget::new(config.prefill_limit),
+        in_flight: Default::default(),
     });
     let service = WorkerServer::new(WorkerService::new(ctx.clone()))
         .max_decoding_message_size(256 << 20)

@@ -23,6 +23,7 @@ use crate::api::response::{ResponseTemplate, now_unix, usage};
 use crate::config::ReplicationMode;
 use crate::context::WorkerContext;
 use crate::error::WorkerError;
+use crate::in_flight::Registration;
 use crate::metrics as m;
 use crate::replication;
 use crate::session::{ResponseState, Segments};
@@ -52,6 +53,7 @@ pub async fn run_turn(ctx: Arc<WorkerContext>, turn: TurnRequest, sink: TurnSink
         Outcome::Completed => "completed",
         Outcome::Incomplete => "incomplete",
         Outcome::Failed => "failed",
+        Outcome::Cancelled => "cancelled",
         Outcome::Closed => "closed",
     };
     metrics::counter!(m::TURNS, "outcome" => label).increment(1);
@@ -88,11 +90,14 @@ enum Outcome {
     Completed,
     Incomplete,
     Failed,
+    Cancelled,
     Closed,
 }
 
 async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepared, emitter: &mut Emitter) -> Outcome {
     let id = ResponseId::new(prepared.session);
+    // In flight from here until this function returns (the guard leaves on every path).
+    let registration = ctx.in_flight.register(&turn.tenant, id.as_str());
     let parent_id = prepared.parent.as_ref().map(|parent| parent.id.clone());
     let template = ResponseTemplate::new(id.as_str(), now_unix(), &prepared.request, parent_id.as_deref());
     let in_progress = template.snapshot("in_progress", |_| {});
@@ -104,22 +109,31 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
 
     let mut builder = OutputBuilder::new();
     let prefill_only = !prepared.request.generate;
-    let generation = infer::generate(ctx, &prepared, prefill_only, emitter, &mut builder).await;
-    let (finished, completion, shard) = match generation {
-        Ok(Generation::Finished { finished, completion, shard }) => (finished, completion, shard),
+    let cancel = registration.cancelled();
+    let generation = infer::generate(ctx, &prepared, prefill_only, emitter, &mut builder, cancel).await;
+    let (finished, completion, shard, cancelled) = match generation {
+        Ok(Generation::Finished { finished, completion, shard }) => (finished, completion, shard, false),
+        // Stored and continued like an incomplete response: the shard kept nothing of the
+        // turn, so the next turn's claimed prefix misses once and the full prompt is resent.
+        Ok(Generation::Cancelled { completion }) => (Default::default(), completion, String::new(), true),
         Ok(Generation::Closed) => return Outcome::Closed,
         Err(error) if prefill_only => {
             // A warmup that could not prefill still prepared the state: the next turn
             // resends the full prompt to whichever shard serves it.
             tracing::debug!(%error, "warmup prefill failed");
-            (Default::default(), Vec::new(), String::new())
+            (Default::default(), Vec::new(), String::new(), false)
         }
-        Err(error) => return fail(emitter, &template, &mut builder, &error).await,
+        Err(error) => return fail(emitter, &template, &mut builder, &error, &registration).await,
     };
 
     let incomplete = finished.reason == FinishReason::Length as i32;
-    let status = if incomplete { "incomplete" } else { "completed" };
-    if builder.finish(emitter, status).await.is_err() {
+    let status = match (cancelled, incomplete) {
+        (true, _) => "cancelled",
+        (false, true) => "incomplete",
+        (false, false) => "completed",
+    };
+    let items_status = if status == "completed" { "completed" } else { "incomplete" };
+    if builder.finish(emitter, items_status).await.is_err() {
         return Outcome::Closed;
     }
     let shard_usage = finished.usage.unwrap_or_default();
@@ -127,7 +141,9 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
     let prompt_tokens =
         if shard_usage.prompt_tokens > 0 { shard_usage.prompt_tokens } else { prepared_prompt_len(&prepared) };
     let response = template.snapshot(status, |object| {
-        object.insert("completed_at".into(), json!(now_unix()));
+        if !cancelled {
+            object.insert("completed_at".into(), json!(now_unix()));
+        }
         object.insert("output".into(), Value::Array(builder.output.clone()));
         object.insert("usage".into(), usage(prompt_tokens, shard_usage.cached_tokens, completion.len() as u32));
         if incomplete {
@@ -155,14 +171,19 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
             ReplicationMode::Off => {}
         }
     }
-    if emitter
-        .terminal(if incomplete { "response.incomplete" } else { "response.completed" }, response, 200)
-        .await
-        .is_err()
-    {
+    registration.finish(&response);
+    // A cancelled response ends with `response.incomplete` (the SDK's stream helpers and
+    // `connect()` accumulator know three terminal events; none is named for cancelling), its
+    // `response.status` saying "cancelled".
+    let terminal = if status == "completed" { "response.completed" } else { "response.incomplete" };
+    if emitter.terminal(terminal, response, 200).await.is_err() {
         return Outcome::Closed;
     }
-    if incomplete { Outcome::Incomplete } else { Outcome::Completed }
+    match status {
+        "cancelled" => Outcome::Cancelled,
+        "incomplete" => Outcome::Incomplete,
+        _ => Outcome::Completed,
+    }
 }
 
 fn prepared_prompt_len(prepared: &Prepared) -> u32 {
@@ -175,6 +196,7 @@ async fn fail(
     template: &ResponseTemplate,
     builder: &mut OutputBuilder,
     error: &WorkerError,
+    registration: &Registration,
 ) -> Outcome {
     tracing::warn!(%error, class = error.class().as_label(), "turn failed");
     if builder.finish(emitter, "incomplete").await.is_err() {
@@ -186,6 +208,7 @@ async fn fail(
         object.insert("error".into(), json!({"code": "server_error", "message": api.message}));
     });
     let status = if api.status >= 500 { api.status } else { 500 };
+    registration.finish(&response);
     let _ = emitter.terminal("response.failed", response, status).await;
     Outcome::Failed
 }
