@@ -256,8 +256,12 @@ async fn input_tokens_is_the_next_creates_usage() {
     )
     .await;
     // A changed header renders the chain from scratch: still the same count.
-    count_then_create(&http, &base, json!({"previous_response_id": next["id"], "input": "More.", "instructions": "New."}))
-        .await;
+    count_then_create(
+        &http,
+        &base,
+        json!({"previous_response_id": next["id"], "input": "More.", "instructions": "New."}),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use tether_proto::worker::v1::worker_server::Worker;
 use tether_proto::worker::v1::{
     FetchStateRequest, FetchStateResponse, ListInputItemsRequest, ListModelsRequest, ListModelsResponse,
-    ReleaseConnectionRequest, ReleaseConnectionResponse, ReplicateRequest, ReplicateResponse, ResponseBody, ResponseRef,
-    TurnEvent, TurnRequest, response_body,
+    ReleaseConnectionRequest, ReleaseConnectionResponse, ReplicateRequest, ReplicateResponse, ResponseBody,
+    ResponseRef, TurnEvent, TurnRequest, response_body,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;

@@ -186,7 +186,12 @@ mod tests {
         state(
             vec![
                 message(Role::User, "one"),
-                Item::FunctionCall { id: "fc_1".into(), call_id: "c1".into(), name: "f".into(), arguments: "{}".into() },
+                Item::FunctionCall {
+                    id: "fc_1".into(),
+                    call_id: "c1".into(),
+                    name: "f".into(),
+                    arguments: "{}".into(),
+                },
                 Item::FunctionCallOutput { call_id: "c1".into(), output: "42".into() },
                 message(Role::Assistant, "two"),
                 message(Role::User, "three"),

@@ -72,7 +72,11 @@ type PrepareStep = fn(&WorkerContext, &TurnRequest, CreateRequest) -> Result<Pre
 
 /// Parses the request, pulls a parent that moved here from its previous owner, then runs the
 /// rest of the preparation, `step` (on the blocking pool for large bodies).
-async fn prepare_turn(ctx: &Arc<WorkerContext>, turn: &TurnRequest, step: PrepareStep) -> Result<Prepared, WorkerError> {
+async fn prepare_turn(
+    ctx: &Arc<WorkerContext>,
+    turn: &TurnRequest,
+    step: PrepareStep,
+) -> Result<Prepared, WorkerError> {
     let large = turn.body.len() > INLINE_PREPARE_BYTES;
     let request = if large {
         let (body, model) = (turn.body.clone(), ctx.default_model.clone());

@@ -66,7 +66,6 @@ pub fn prepare(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) 
 /// Steps 1–5: the prompt a turn would send, validated exactly as a turn validates it, without
 /// charging anything (`POST /v1/responses/input_tokens` counts it).
 pub fn plan(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) -> Result<Prepared, WorkerError> {
-
     // 1. Resolve state: O(1) in the session cache. A foreign tenant's id, an evicted one
     // and a store=false one from another connection all look exactly like unknown ids.
     let parent = match &request.previous_response_id {
