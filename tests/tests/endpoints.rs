@@ -283,3 +283,26 @@ async fn input_tokens_refuses_what_a_create_refuses_with_the_same_error() {
         assert_eq!((count_status, &count), (create_status, &created), "{body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counting_charges_no_prefill_budget() {
+    // One token a second and a burst of 40: nothing refills while the test runs.
+    let cluster = Cluster::builder()
+        .workers(1)
+        .shards(1)
+        .worker_config(|c| c.prefill_limit = tether_worker::budget::PrefillLimit { tokens_per_second: 1, burst: 40 })
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let base = cluster.url();
+    let body = json!({"input": "tok ".repeat(10)});
+    let mut counted = 0;
+    for _ in 0..10 {
+        let (status, count) = post_as(&http, &base, "sk-local", "/v1/responses/input_tokens", &body).await;
+        assert_eq!(status, 200, "{count}");
+        counted += count["input_tokens"].as_u64().unwrap();
+    }
+    assert!(counted > 40, "the counts add up to more than the budget: {counted}");
+    // The budget is whole: the create it was counting for still runs.
+    create(&http, &base, body).await;
+}
