@@ -120,10 +120,6 @@ async fn unimplemented_endpoints_and_unmatched_routes_answer_protocol_errors() {
     let error = error_reply(compact, 501, "compact").await;
     assert_eq!(error["code"], "unsupported_endpoint");
 
-    let count = http.post(format!("{base}/v1/responses/input_tokens")).json(&body).send().await.unwrap();
-    let error = error_reply(count, 501, "input_tokens").await;
-    assert_eq!(error["code"], "unsupported_endpoint");
-
     let cases = [
         (reqwest::Method::GET, "/v1/nope", 404, "not_found"),
         (reqwest::Method::POST, "/v2/responses", 404, "not_found"),

@@ -1,5 +1,7 @@
 //! The HTTP surface of the Responses API.
 
+pub mod input_items;
+pub mod input_tokens;
 pub mod models;
 pub mod replay;
 pub mod responses;

@@ -53,7 +53,7 @@ pub async fn create(State(state): State<EdgeState>, request: Request) -> Respons
 
 /// Reads the whole body within `--body-read-timeout` (a body that never ends gets 408) and
 /// under `--max-message-bytes` (413).
-async fn read_body(state: &EdgeState, request: Request) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(state: &EdgeState, request: Request) -> Result<Bytes, ApiError> {
     let limit = state.config.max_message_bytes;
     let read = <Result<Bytes, BytesRejection> as FromRequest<()>>::from_request(request, &());
     match tokio::time::timeout(state.config.body_read_timeout, read).await {

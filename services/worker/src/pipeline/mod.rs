@@ -38,7 +38,7 @@ pub async fn run_turn(ctx: Arc<WorkerContext>, turn: TurnRequest, sink: TurnSink
     let started = Instant::now();
     let final_only = turn.delivery == Delivery::Final as i32;
     let stream_id = (!turn.stream_id.is_empty()).then(|| turn.stream_id.clone());
-    let prepared = prepare_turn(&ctx, &turn).await;
+    let prepared = prepare_turn(&ctx, &turn, prepare::prepare).await;
     let prepared = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
@@ -60,9 +60,25 @@ pub async fn run_turn(ctx: Arc<WorkerContext>, turn: TurnRequest, sink: TurnSink
     metrics::histogram!(m::TURN_SECONDS).record(started.elapsed().as_secs_f64());
 }
 
+/// Counts the input tokens of a create body (`POST /v1/responses/input_tokens`): the prompt
+/// the turn would send (the chain's tokens and the newly rendered ones), which is what its
+/// `usage.input_tokens` reports. Errors are the ones the create would get.
+pub async fn count_input_tokens(ctx: &Arc<WorkerContext>, turn: &TurnRequest) -> Result<u32, WorkerError> {
+    let prepared = prepare_turn(ctx, turn, prepare::plan).await?;
+    Ok(prepared_prompt_len(&prepared))
+}
+
+/// How the rest of a turn's preparation runs: [`prepare::prepare`] for a turn,
+/// [`prepare::plan`] for a count.
+type PrepareStep = fn(&WorkerContext, &TurnRequest, CreateRequest) -> Result<Prepared, WorkerError>;
+
 /// Parses the request, pulls a parent that moved here from its previous owner, then runs the
-/// rest of the preparation (on the blocking pool for large bodies).
-async fn prepare_turn(ctx: &Arc<WorkerContext>, turn: &TurnRequest) -> Result<Prepared, WorkerError> {
+/// rest of the preparation, `step` (on the blocking pool for large bodies).
+async fn prepare_turn(
+    ctx: &Arc<WorkerContext>,
+    turn: &TurnRequest,
+    step: PrepareStep,
+) -> Result<Prepared, WorkerError> {
     let large = turn.body.len() > INLINE_PREPARE_BYTES;
     let request = if large {
         let (body, model) = (turn.body.clone(), ctx.default_model.clone());
@@ -78,11 +94,9 @@ async fn prepare_turn(ctx: &Arc<WorkerContext>, turn: &TurnRequest) -> Result<Pr
     }
     if large {
         let (ctx, turn) = (ctx.clone(), turn.clone());
-        tokio::task::spawn_blocking(move || prepare::prepare(&ctx, &turn, request))
-            .await
-            .expect("prepare does not panic")
+        tokio::task::spawn_blocking(move || step(&ctx, &turn, request)).await.expect("prepare does not panic")
     } else {
-        prepare::prepare(ctx, turn, request)
+        step(ctx, turn, request)
     }
 }
 
