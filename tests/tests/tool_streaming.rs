@@ -1,9 +1,19 @@
 //! Streamed tool calls: a function call's arguments arrive as the model writes them, over SSE
 //! and over WebSocket, and a call cut by `max_output_tokens` is closed consistently.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use tether_tests::Cluster;
 use tether_tests::client::{WsClient, final_response, function_calls, run_tests_tool};
+
+/// A cluster whose sim writes 100 tokens a second. The sim sends every token that is due
+/// as one piece, so a sim running behind its clock (a loaded machine, at the default
+/// 1,000 tokens a second) may send a whole call at once; at 10 ms a token it sends one token
+/// a piece unless it stalls for most of the call.
+async fn cluster() -> Cluster {
+    Cluster::builder().shard_config(|config| config.sim.decode_interval = Duration::from_millis(10)).start().await
+}
 
 /// A turn the sim answers with one `run_tests` call (a multi-token arguments object).
 fn tool_turn(extra: Value) -> Value {
@@ -72,7 +82,7 @@ fn assert_streamed_call(events: &[Value]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tool_turn_streams_its_arguments_over_sse_and_websocket() {
-    let cluster = Cluster::builder().start().await;
+    let cluster = cluster().await;
     let over_sse = sse_events(&cluster.url(), &tool_turn(json!({}))).await;
     let sse_arguments = assert_streamed_call(&over_sse);
 
@@ -84,7 +94,7 @@ async fn a_tool_turn_streams_its_arguments_over_sse_and_websocket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_cut_by_max_output_tokens_ends_incomplete() {
-    let cluster = Cluster::builder().start().await;
+    let cluster = cluster().await;
     let whole = sse_events(&cluster.url(), &tool_turn(json!({}))).await;
     let tokens = final_response(&whole)["usage"]["output_tokens"].as_u64().unwrap();
     // Stop well inside the arguments (the call ends with `}}` and `</tool_call>`).
