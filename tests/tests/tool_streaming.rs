@@ -113,6 +113,6 @@ async fn a_call_cut_by_max_output_tokens_ends_incomplete() {
     let response = final_response(&events);
     assert_eq!(kinds.last(), Some(&"response.incomplete"));
     assert_eq!(response["incomplete_details"]["reason"], "max_output_tokens");
-    assert_eq!(response["output"].as_array().unwrap(), &[item.clone()], "the output holds the closed item only");
+    assert_eq!(response["output"], json!([item]), "the output holds the closed item only");
     assert!(!serde_json::to_string(&events).unwrap().contains("tool_call>"), "no markup leaks");
 }

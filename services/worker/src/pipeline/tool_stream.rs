@@ -113,7 +113,10 @@ impl CallParser {
         loop {
             match &mut self.phase {
                 Phase::Header => match parse_header(&self.body) {
-                    Header::Incomplete if self.body.len() <= MAX_HEADER => return,
+                    // A closing tag inside an unfinished header ends the wait: no streamed call.
+                    Header::Incomplete if self.body.len() <= MAX_HEADER && !self.body.contains(TOOL_CALL_CLOSE) => {
+                        return;
+                    }
                     Header::Incomplete | Header::Mismatch => self.phase = Phase::Buffered,
                     Header::Matched { name, value_at, string } => {
                         self.name = name.clone();
@@ -497,6 +500,8 @@ mod tests {
             steps,
             vec![Step::Text("<tool_call>not json</tool_call>".into()), Step::End { rest: "rest".into() }]
         );
+        let steps = run(&["{\"name\":\"ab</tool_call>", " text"], true);
+        assert_eq!(steps[0], Step::Text("<tool_call>{\"name\":\"ab</tool_call>".into()), "no wait past the tag");
         let steps = run(&["{\"name\":\"x\",\"arguments\":[1]}</tool_call>"], true);
         assert!(matches!(&steps[0], Step::Text(_)), "array arguments are no call: {steps:?}");
     }
