@@ -148,3 +148,34 @@ impl Emitter {
         self.send(turn_event::Kind::Event(event)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+    use tether_proto::worker::v1::turn_event::Kind;
+    use tokio::sync::mpsc;
+
+    use super::Emitter;
+
+    #[tokio::test]
+    async fn argument_deltas_coalesce_while_the_queue_is_full() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut emitter = Emitter::new(tx, None, false);
+        emitter.emit("response.output_item.added", json!({"output_index": 0})).await.unwrap();
+        for piece in ["{\"a\"", ":1", "}"] {
+            emitter.arguments_delta("fc_1", 0, piece).await.unwrap();
+        }
+        let received = |event: Option<Result<tether_proto::worker::v1::TurnEvent, _>>| -> Value {
+            let Some(Kind::Event(event)) = event.unwrap().unwrap().kind else { panic!("an event") };
+            serde_json::from_slice(&event.json).unwrap()
+        };
+        assert_eq!(received(rx.recv().await)["type"], "response.output_item.added");
+        emitter.flush().await.unwrap();
+        let delta = received(rx.recv().await);
+        assert_eq!(
+            delta,
+            json!({"type": "response.function_call_arguments.delta", "sequence_number": 1,
+                   "item_id": "fc_1", "output_index": 0, "delta": "{\"a\":1}"})
+        );
+    }
+}
