@@ -61,8 +61,9 @@ async fn a_tool_call_cut_by_max_output_tokens_is_incomplete_without_markup() {
         assert!(!text.contains("tool_call"), "no internal markup in the output: {text}");
         for item in response["output"].as_array().unwrap() {
             assert_eq!(item["type"], "function_call", "no text made of a cut call: {item}");
-            let arguments: Value = serde_json::from_str(item["arguments"].as_str().unwrap()).unwrap();
-            assert!(arguments.is_object());
+            // A call cut after it opened (its arguments had begun streaming) is closed unfinished.
+            assert_eq!(item["status"], "incomplete", "{item}");
+            assert!(item["arguments"].as_str().unwrap().starts_with('{'), "{item}");
         }
 
         // The same over SSE: no delta or item carries the markup.

@@ -19,6 +19,9 @@ pub enum WorkerError {
     Flagged(String),
     #[error("{0}")]
     RateLimited(String),
+    /// The model opened a function call and then wrote something that is not one.
+    #[error("The model wrote a malformed function call. Retry the request.")]
+    MalformedToolCall,
     #[error("no shard is available")]
     NoShard,
     #[error("shard failed: {0}")]
@@ -57,7 +60,7 @@ impl WorkerError {
                 class => class,
             },
             WorkerError::NotServing | WorkerError::Discovery(_) => ErrorClass::Unavailable,
-            WorkerError::Io(_) | WorkerError::ShutdownDeadline => ErrorClass::Internal,
+            WorkerError::Io(_) | WorkerError::ShutdownDeadline | WorkerError::MalformedToolCall => ErrorClass::Internal,
         }
     }
 
@@ -85,6 +88,8 @@ impl WorkerError {
         };
         // Internal failures keep their detail in the logs, not in the client's message.
         let message = match class {
+            // The model's fault, not the server's internals: say what happened.
+            _ if matches!(self, WorkerError::MalformedToolCall) => self.to_string(),
             ErrorClass::Internal => "The server had an error while processing your request.".to_owned(),
             ErrorClass::ShardUnavailable | ErrorClass::Unavailable => {
                 "The model backend is unavailable. Retry the request.".to_owned()

@@ -4,6 +4,7 @@
 pub mod infer;
 pub mod output;
 pub mod prepare;
+pub mod tool_stream;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -149,6 +150,10 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
     let items_status = if status == "completed" { "completed" } else { "incomplete" };
     if builder.finish(emitter, items_status).await.is_err() {
         return Outcome::Closed;
+    }
+    if builder.malformed_call() {
+        // The model opened a call it did not write out: the turn produced no usable answer.
+        return fail(emitter, &template, &mut builder, &WorkerError::MalformedToolCall).await;
     }
     let shard_usage = finished.usage.unwrap_or_default();
     let timings = finished.timings.unwrap_or_default();
