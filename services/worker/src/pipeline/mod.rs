@@ -153,7 +153,7 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
     }
     if builder.malformed_call() {
         // The model opened a call it did not write out: the turn produced no usable answer.
-        return fail(emitter, &template, &mut builder, &WorkerError::MalformedToolCall).await;
+        return fail(emitter, &template, &mut builder, &WorkerError::MalformedToolCall, &registration).await;
     }
     let shard_usage = finished.usage.unwrap_or_default();
     let timings = finished.timings.unwrap_or_default();
