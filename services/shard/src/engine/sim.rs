@@ -4,7 +4,9 @@
 //! tokens. Time to first token is `ttft_base + prefill_per_token × uncached tokens`; tokens
 //! then arrive at the decode rate. A bounded number of slots decode at once; the rest queue.
 //! With tools it follows the policy in [`super::sim_tools`], writing the call in the chat
-//! format's `<tool_call>` syntax, which the worker parses like a real model's output.
+//! format's `<tool_call>` syntax, which the worker parses like a real model's output. With a
+//! JSON output format (`text.format`) its text answer is JSON that validates against the
+//! format's schema (see [`super::schema`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -14,10 +16,11 @@ use tether_common::discovery::BoxFuture;
 use tether_common::limits;
 use tether_common::tokenizer::CoreBPE;
 use tether_common::tokenizer::{self, TOOL_CALL_CLOSE, TOOL_CALL_OPEN};
-use tether_proto::shard::v1::FinishReason;
+use tether_proto::shard::v1::{FinishReason, OutputFormat, OutputFormatKind};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
+use super::schema::Contract;
 use super::sim_tools::{self, HINT_OUTPUT_TOKENS, HINT_TOOL_CALLS};
 use super::{Engine, Job, Outcome, Piece};
 use crate::error::ShardError;
@@ -96,19 +99,23 @@ impl SimEngine {
             }
             None => None,
         };
-        let (source, natural) = match call {
-            Some(call) => {
+        let format = job.output_format.as_ref().map_or(OutputFormatKind::Text, OutputFormat::kind);
+        let (source, natural) = match (call, format) {
+            (Some(call), _) => {
                 // A call's size is bounded by its tool's schema, which the worker caps.
                 let body = serde_json::json!({"name": call.name, "arguments": call.arguments});
-                let ids = self.bpe.encode_ordinary(&format!("{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"));
-                let natural = ids.len() as u32;
-                (Source::Call(ids.into_iter()), natural)
+                self.pieces(&format!("{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"))
             }
-            None => {
+            (None, OutputFormatKind::Text) => {
                 let length = Self::hint(job, HINT_OUTPUT_TOKENS, limits::SIM_OUTPUT_TOKENS)
                     .unwrap_or(self.config.output_tokens)
                     .clamp(1, limits::SIM_OUTPUT_TOKENS);
                 (Source::Text { length, index: 0, state: job.prompt_hash }, length)
+            }
+            (None, kind) => {
+                // Like a call, the answer's size is bounded by the schema the worker capped.
+                let format = job.output_format.as_ref().expect("a JSON kind comes from a format");
+                self.pieces(&self.structured_answer(kind, format, job.prompt_hash)?)
             }
         };
         let requested = match job.sampling.max_output_tokens {
@@ -128,9 +135,12 @@ impl SimEngine {
             return None;
         }
         let piece = match &mut generator.source {
-            Source::Call(ids) => {
-                let id = ids.next()?;
-                Piece { text: self.bpe.decode(&[id]).unwrap_or_default(), ids: vec![id] }
+            Source::Pieces(pieces) => {
+                let piece = pieces.peek()?;
+                if generator.emitted + piece.ids.len() as u32 > generator.limit {
+                    return None;
+                }
+                pieces.next()?
             }
             Source::Text { length, index, state } => {
                 let (id, text) = if *index + 1 >= *length {
@@ -146,15 +156,50 @@ impl SimEngine {
                 Piece { ids: vec![id], text }
             }
         };
-        generator.emitted += 1;
+        generator.emitted += piece.ids.len() as u32;
         Some(piece)
+    }
+
+    /// `text` as the tokenizer splits it, one token a piece except where a character spans
+    /// tokens (those travel together, so every piece is whole UTF-8); and its token count.
+    fn pieces(&self, text: &str) -> (Source, u32) {
+        let ids = self.bpe.encode_ordinary(text);
+        let natural = ids.len() as u32;
+        let mut pieces = Vec::with_capacity(ids.len());
+        let mut pending: Vec<u32> = Vec::new();
+        for id in ids {
+            pending.push(id);
+            if let Ok(text) = self.bpe.decode(&pending) {
+                pieces.push(Piece { ids: std::mem::take(&mut pending), text });
+            }
+        }
+        (Source::Pieces(pieces.into_iter().peekable()), natural)
+    }
+
+    /// The text of a JSON answer: a value of the format's schema, or an object for
+    /// `json_object`, derived from `seed`.
+    fn structured_answer(&self, kind: OutputFormatKind, format: &OutputFormat, seed: u64) -> Result<String, ShardError> {
+        if kind == OutputFormatKind::JsonObject {
+            let mut state = seed;
+            let words: Vec<&str> = (0..8)
+                .map(|_| self.vocabulary[(next(&mut state) % self.vocabulary.len() as u64) as usize].1.trim())
+                .collect();
+            return Ok(serde_json::json!({"answer": words.join(" ")}).to_string());
+        }
+        let schema: serde_json::Value =
+            serde_json::from_str(&format.schema_json).map_err(|e| ShardError::InvalidSchema(e.to_string()))?;
+        if !schema.is_object() {
+            return Err(ShardError::InvalidSchema("the schema must be a JSON object".into()));
+        }
+        let contract = Contract::compile(&schema, format.strict).map_err(ShardError::InvalidSchema)?;
+        Ok(contract.value(seed).to_string())
     }
 }
 
 /// What a job's output is made of.
 enum Source {
-    /// A function call's tokens, in order.
-    Call(std::vec::IntoIter<u32>),
+    /// Prepared text (a function call, a JSON answer), piece by piece.
+    Pieces(std::iter::Peekable<std::vec::IntoIter<Piece>>),
     /// A text answer of `length` tokens: an opener, words, a period; `index` tokens made.
     Text { length: u32, index: u32, state: u64 },
 }
@@ -193,6 +238,10 @@ impl Engine for SimEngine {
 
     fn slots(&self) -> (u32, u32) {
         (self.config.slots, self.busy.load(Ordering::Relaxed))
+    }
+
+    fn structured_outputs(&self) -> bool {
+        true
     }
 
     fn validate(&self, job: &Job) -> Result<(), ShardError> {
@@ -307,6 +356,7 @@ mod tests {
             tools: None,
             hints: hints.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<HashMap<_, _>>(),
             prefill_only: false,
+            output_format: None,
         }
     }
 

@@ -5,3 +5,4 @@ pub mod events;
 pub mod items;
 pub mod request;
 pub mod response;
+pub mod text_format;
