@@ -325,7 +325,7 @@ mod tests {
     use std::collections::HashMap;
     use std::time::Duration;
 
-    use tether_proto::shard::v1::{FinishReason, Sampling};
+    use tether_proto::shard::v1::{FinishReason, OutputFormat, OutputFormatKind, Sampling};
     use tokio::sync::mpsc;
 
     use super::{SimConfig, SimEngine};
@@ -395,6 +395,66 @@ mod tests {
         assert_eq!(first.reason, FinishReason::Stop);
         assert_eq!(first.completion, again.completion);
         assert_eq!(*first.completion.last().unwrap(), engine.period, "an answer ends with a period");
+    }
+
+    fn json_job(max_output_tokens: u32, kind: OutputFormatKind, schema: &serde_json::Value) -> Job {
+        Job {
+            output_format: Some(OutputFormat {
+                kind: kind as i32,
+                schema_json: schema.to_string(),
+                name: "answer".into(),
+                strict: true,
+            }),
+            ..job(10, max_output_tokens, &[])
+        }
+    }
+
+    async fn text(engine: &SimEngine, job: Job) -> (String, super::Outcome) {
+        let (tx, mut rx) = mpsc::channel::<crate::engine::Piece>(1024);
+        let collect = tokio::spawn(async move {
+            let mut text = String::new();
+            while let Some(piece) = rx.recv().await {
+                text.push_str(&piece.text);
+            }
+            text
+        });
+        engine.validate(&job).expect("valid job");
+        let outcome = engine.run(job, tx).await.expect("the job runs");
+        (collect.await.unwrap(), outcome)
+    }
+
+    #[tokio::test]
+    async fn a_json_schema_answer_is_json_that_validates() {
+        let engine = engine(32_768);
+        let schema = serde_json::json!({"type":"object","properties":{
+            "city":{"type":"string","enum":["Paris","Zürich"]},"when":{"type":"string","format":"date"},
+            "temps":{"type":"array","items":{"type":"number","minimum":-10,"maximum":40},"minItems":2}},
+            "required":["city","when","temps"],"additionalProperties":false});
+        let (answer, outcome) = text(&engine, json_job(0, OutputFormatKind::JsonSchema, &schema)).await;
+        let value: serde_json::Value = serde_json::from_str(&answer).expect("the answer is JSON");
+        assert!(jsonschema::options().should_validate_formats(true).build(&schema).unwrap().is_valid(&value), "{value}");
+        assert_eq!(outcome.reason, FinishReason::Stop);
+        assert_eq!(engine.bpe.decode(&outcome.completion).unwrap(), answer, "the pieces are whole characters");
+
+        let (object, _) = text(&engine, json_job(0, OutputFormatKind::JsonObject, &serde_json::Value::Null)).await;
+        assert!(serde_json::from_str::<serde_json::Value>(&object).unwrap().is_object());
+    }
+
+    #[tokio::test]
+    async fn a_json_answer_cut_by_max_output_tokens_ends_at_length() {
+        let engine = engine(32_768);
+        let schema = serde_json::json!({"type":"object","properties":{"a":{"type":"string","minLength":200}},"required":["a"]});
+        let (answer, outcome) = text(&engine, json_job(5, OutputFormatKind::JsonSchema, &schema)).await;
+        assert_eq!(outcome.reason, FinishReason::Length);
+        assert!(outcome.completion.len() <= 5);
+        assert!(serde_json::from_str::<serde_json::Value>(&answer).is_err(), "a cut answer is not whole JSON");
+    }
+
+    #[test]
+    fn an_invalid_schema_is_refused() {
+        let engine = engine(100);
+        let job = json_job(0, OutputFormatKind::JsonSchema, &serde_json::json!({"type": 12}));
+        assert!(matches!(engine.validate(&job), Err(ShardError::InvalidSchema(_))));
     }
 
     #[test]

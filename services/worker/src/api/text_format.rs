@@ -89,6 +89,14 @@ fn json_schema(format: &Map<String, Value>) -> Result<TextFormat, WorkerError> {
             format!("'text.format.schema' is larger than {} bytes.", limits::TOOL_DEFINITION_BYTES),
         ));
     }
+    // A schema no validator can compile (a wrong keyword type, a reference to nothing) is the
+    // client's error, named here rather than failing the turn in the engine.
+    if let Err(error) = jsonschema::options().build(&schema) {
+        return Err(WorkerError::invalid(
+            "text.format.schema",
+            format!("Invalid schema for response_format '{name}': {error}"),
+        ));
+    }
     let strict = match format.get("strict") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(strict)) => *strict,
@@ -130,6 +138,8 @@ mod tests {
             (json!({"format":{"type":"json_schema","name":"has space","schema":schema}}), "text.format.name"),
             (json!({"format":{"type":"json_schema","name":"x"}}), "text.format.schema"),
             (json!({"format":{"type":"json_schema","name":"x","schema":"{}"}}), "text.format.schema"),
+            (json!({"format":{"type":"json_schema","name":"x","schema":{"type":12}}}), "text.format.schema"),
+            (json!({"format":{"type":"json_schema","name":"x","schema":{"$ref":"#/$defs/Nope"}}}), "text.format.schema"),
             (json!({"format":{"type":"json_schema","name":"x","schema":schema,"strict":"yes"}}), "text.format.strict"),
         ] {
             let api = parse(Some(&text)).unwrap_err().api_error();
