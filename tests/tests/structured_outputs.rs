@@ -27,7 +27,8 @@ async fn post(http: &reqwest::Client, base: &str, body: Value) -> (u16, Value) {
 async fn a_json_schema_turn_answers_with_json_that_validates() {
     let cluster = Cluster::builder().workers(1).shards(1).start().await;
     let http = reqwest::Client::new();
-    for (name, strict) in [("openai_strict_person", true), ("pydantic_constrained_order", false), ("zod_root_recursion", true)]
+    for (name, strict) in
+        [("openai_strict_person", true), ("pydantic_constrained_order", false), ("zod_root_recursion", true)]
     {
         let schema = fixture(name);
         let check = validator(&schema);
@@ -67,7 +68,9 @@ async fn a_cut_json_answer_is_incomplete() {
 async fn a_tool_taking_a_nested_model_gets_arguments_that_validate() {
     let cluster = Cluster::builder().workers(1).shards(1).start().await;
     let http = reqwest::Client::new();
-    for (name, strict) in [("pydantic_nested_person", false), ("openai_strict_ticket", true), ("zod_definitions_refs", false)] {
+    for (name, strict) in
+        [("pydantic_nested_person", false), ("openai_strict_ticket", true), ("zod_definitions_refs", false)]
+    {
         let schema = fixture(name);
         let check = validator(&schema);
         let tool = json!({"type": "function", "name": "submit", "parameters": schema, "strict": strict});

@@ -9,9 +9,8 @@ use tether_proto::shard::v1::generate_chunk::Kind;
 use tether_proto::shard::v1::shard_server::Shard;
 use tether_proto::shard::v1::{
     CacheMiss, DropSessionRequest, DropSessionResponse, ExportSessionRequest, ExportSessionResponse, Finished,
-    GenerateChunk, GenerateRequest, ImportSessionRequest, ImportSessionResponse, InfoRequest, InfoResponse, OutputFormatKind,
-    Timings,
-    Tokens, Usage,
+    GenerateChunk, GenerateRequest, ImportSessionRequest, ImportSessionResponse, InfoRequest, InfoResponse,
+    OutputFormatKind, Timings, Tokens, Usage,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;

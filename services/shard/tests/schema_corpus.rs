@@ -79,7 +79,8 @@ fn values_are_deterministic_and_vary_with_the_seed() {
 fn strict_mode_fills_every_property_and_recursion_ends() {
     let schema: Value = serde_json::from_str(
         &std::fs::read_to_string(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schemas/pydantic_enums_literals_optional.json"),
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/schemas/pydantic_enums_literals_optional.json"),
         )
         .unwrap(),
     )

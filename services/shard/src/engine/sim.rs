@@ -178,7 +178,12 @@ impl SimEngine {
 
     /// The text of a JSON answer: a value of the format's schema, or an object for
     /// `json_object`, derived from `seed`.
-    fn structured_answer(&self, kind: OutputFormatKind, format: &OutputFormat, seed: u64) -> Result<String, ShardError> {
+    fn structured_answer(
+        &self,
+        kind: OutputFormatKind,
+        format: &OutputFormat,
+        seed: u64,
+    ) -> Result<String, ShardError> {
         if kind == OutputFormatKind::JsonObject {
             let mut state = seed;
             let words: Vec<&str> = (0..8)
@@ -432,7 +437,10 @@ mod tests {
             "required":["city","when","temps"],"additionalProperties":false});
         let (answer, outcome) = text(&engine, json_job(0, OutputFormatKind::JsonSchema, &schema)).await;
         let value: serde_json::Value = serde_json::from_str(&answer).expect("the answer is JSON");
-        assert!(jsonschema::options().should_validate_formats(true).build(&schema).unwrap().is_valid(&value), "{value}");
+        assert!(
+            jsonschema::options().should_validate_formats(true).build(&schema).unwrap().is_valid(&value),
+            "{value}"
+        );
         assert_eq!(outcome.reason, FinishReason::Stop);
         assert_eq!(engine.bpe.decode(&outcome.completion).unwrap(), answer, "the pieces are whole characters");
 
@@ -443,7 +451,8 @@ mod tests {
     #[tokio::test]
     async fn a_json_answer_cut_by_max_output_tokens_ends_at_length() {
         let engine = engine(32_768);
-        let schema = serde_json::json!({"type":"object","properties":{"a":{"type":"string","minLength":200}},"required":["a"]});
+        let schema =
+            serde_json::json!({"type":"object","properties":{"a":{"type":"string","minLength":200}},"required":["a"]});
         let (answer, outcome) = text(&engine, json_job(5, OutputFormatKind::JsonSchema, &schema)).await;
         assert_eq!(outcome.reason, FinishReason::Length);
         assert!(outcome.completion.len() <= 5);

@@ -79,7 +79,10 @@ fn json_schema(format: &Map<String, Value>) -> Result<TextFormat, WorkerError> {
             ));
         }
         Some(_) => {
-            return Err(WorkerError::invalid("text.format.schema", "'text.format.schema' must be a JSON Schema object."));
+            return Err(WorkerError::invalid(
+                "text.format.schema",
+                "'text.format.schema' must be a JSON Schema object.",
+            ));
         }
     };
     // Serialized size bounds the schema's depth and breadth (the engine walks it).
@@ -139,7 +142,10 @@ mod tests {
             (json!({"format":{"type":"json_schema","name":"x"}}), "text.format.schema"),
             (json!({"format":{"type":"json_schema","name":"x","schema":"{}"}}), "text.format.schema"),
             (json!({"format":{"type":"json_schema","name":"x","schema":{"type":12}}}), "text.format.schema"),
-            (json!({"format":{"type":"json_schema","name":"x","schema":{"$ref":"#/$defs/Nope"}}}), "text.format.schema"),
+            (
+                json!({"format":{"type":"json_schema","name":"x","schema":{"$ref":"#/$defs/Nope"}}}),
+                "text.format.schema",
+            ),
             (json!({"format":{"type":"json_schema","name":"x","schema":schema,"strict":"yes"}}), "text.format.strict"),
         ] {
             let api = parse(Some(&text)).unwrap_err().api_error();

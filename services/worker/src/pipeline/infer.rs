@@ -79,7 +79,9 @@ pub fn generate_request(prepared: &Prepared, prefill_only: bool) -> GenerateRequ
 fn output_format(format: &TextFormat) -> Option<OutputFormat> {
     match format {
         TextFormat::Text => None,
-        TextFormat::JsonObject => Some(OutputFormat { kind: OutputFormatKind::JsonObject as i32, ..Default::default() }),
+        TextFormat::JsonObject => {
+            Some(OutputFormat { kind: OutputFormatKind::JsonObject as i32, ..Default::default() })
+        }
         TextFormat::JsonSchema { name, schema, strict } => Some(OutputFormat {
             kind: OutputFormatKind::JsonSchema as i32,
             schema_json: schema.to_string(),

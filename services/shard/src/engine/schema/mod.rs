@@ -34,8 +34,7 @@ pub struct Contract {
 impl Contract {
     /// Compiles `schema` (formats are checked too); an error names what is wrong with it.
     pub fn compile(schema: &Value, strict: bool) -> Result<Self, String> {
-        let validator =
-            jsonschema::options().should_validate_formats(true).build(schema).map_err(|e| e.to_string())?;
+        let validator = jsonschema::options().should_validate_formats(true).build(schema).map_err(|e| e.to_string())?;
         Ok(Contract { schema: schema.clone(), strict, validator })
     }
 
