@@ -110,3 +110,16 @@ def test_a_malformed_text_format_is_refused(client: OpenAI) -> None:
         )
     assert caught.value.status_code == 400
     assert caught.value.body["param"] == "text.format.name"  # type: ignore[index]
+
+
+def test_an_agents_sdk_agent_with_output_type_gets_its_model(base_url: str) -> None:
+    """An Agents SDK agent with `output_type=` sends `text.format` json_schema and parses the answer."""
+    agents = pytest.importorskip("agents")
+    from openai import AsyncOpenAI
+
+    agents.set_tracing_disabled(True)
+    openai_client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="sk-local", max_retries=0, timeout=30.0)
+    model = agents.OpenAIResponsesModel(model=MODEL, openai_client=openai_client)
+    agent = agents.Agent(name="solver", instructions="Solve it step by step.", model=model, output_type=MathReasoning)
+    result = agents.Runner.run_sync(agent, "Solve 8x + 7 = -23")
+    assert isinstance(result.final_output, MathReasoning)
