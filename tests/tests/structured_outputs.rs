@@ -4,9 +4,12 @@
 //! are a nested model gets arguments that validate, a cut JSON answer is incomplete, and a
 //! malformed `text.format` is a 400 naming its `param`.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use tether_tests::Cluster;
 use tether_tests::client::{function_calls, output_text};
+use tether_tests::wait::until;
 
 fn fixture(name: &str) -> Value {
     let path = format!("{}/../services/shard/tests/fixtures/schemas/{name}.json", env!("CARGO_MANIFEST_DIR"));
@@ -86,6 +89,38 @@ async fn a_tool_taking_a_nested_model_gets_arguments_that_validate() {
             assert!(errors.is_empty(), "{name}: {arguments}: {errors:?}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_cannot_constrain_output_refuses_json_formats() {
+    // The sim with structured outputs off stands in for the llama engine: its shard says so
+    // in `Info`, and the worker refuses JSON formats before any engine work.
+    let cluster =
+        Cluster::builder().workers(1).shards(1).shard_config(|c| c.sim.structured_outputs = false).start().await;
+    let http = reqwest::Client::new();
+    let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+    // The worker learns the shard's capabilities from the same `Info` that lists its models.
+    until(Duration::from_secs(10), "the shard's Info reaches the worker", || async {
+        let list: Value = http
+            .get(format!("{}/v1/models", cluster.url()))
+            .bearer_auth("sk-local")
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        list["data"].as_array().is_some_and(|models| !models.is_empty()).then_some(())
+    })
+    .await;
+    for format in [json!({"type": "json_object"}), json!({"type": "json_schema", "name": "a", "schema": schema})] {
+        let (status, body) = post(&http, &cluster.url(), json!({"input": "hi", "text": {"format": format}})).await;
+        assert_eq!(status, 400, "{format}: {body}");
+        assert_eq!(body["error"]["param"], "text.format", "{body}");
+    }
+    let (status, body) =
+        post(&http, &cluster.url(), json!({"input": "hi", "text": {"format": {"type": "text"}}})).await;
+    assert_eq!(status, 200, "plain text is still served: {body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

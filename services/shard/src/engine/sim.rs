@@ -35,6 +35,9 @@ pub struct SimConfig {
     pub output_tokens: u32,
     /// Tokens a session may hold: prompt plus output (a real small model's window).
     pub context_window: u32,
+    /// Whether JSON output formats are honoured (always, from the command line; tests turn
+    /// it off to stand in for an engine that cannot constrain its output, like llama's).
+    pub structured_outputs: bool,
 }
 
 /// Words that are one o200k token each with a leading space: the sim model's vocabulary.
@@ -246,7 +249,7 @@ impl Engine for SimEngine {
     }
 
     fn structured_outputs(&self) -> bool {
-        true
+        self.config.structured_outputs
     }
 
     fn validate(&self, job: &Job) -> Result<(), ShardError> {
@@ -346,6 +349,7 @@ mod tests {
             slots: 1,
             output_tokens: 32,
             context_window,
+            structured_outputs: true,
         })
     }
 
