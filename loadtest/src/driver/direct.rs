@@ -241,6 +241,7 @@ fn generate_request(
         }),
         hints,
         prefill_only: false,
+        output_format: None,
     }
 }
 

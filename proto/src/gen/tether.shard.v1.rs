@@ -32,6 +32,26 @@ pub struct GenerateRequest {
     /// Prefill only: fill the KV cache and generate nothing (warmup).
     #[prost(bool, tag = "10")]
     pub prefill_only: bool,
+    /// The shape of a text answer (`text.format`); absent means plain text. An engine that
+    /// cannot constrain its output (`InfoResponse.structured_outputs` false) refuses JSON formats.
+    #[prost(message, optional, tag = "11")]
+    pub output_format: ::core::option::Option<OutputFormat>,
+}
+/// The Responses API's `text.format`: what a text answer must be.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OutputFormat {
+    #[prost(enumeration = "OutputFormatKind", tag = "1")]
+    pub kind: i32,
+    /// JSON_SCHEMA: the schema as the client sent it (a JSON object).
+    #[prost(string, tag = "2")]
+    pub schema_json: ::prost::alloc::string::String,
+    /// JSON_SCHEMA: the format's name (echoed by the API; no engine meaning).
+    #[prost(string, tag = "3")]
+    pub name: ::prost::alloc::string::String,
+    /// JSON_SCHEMA: strict mode (every property present, no others).
+    #[prost(bool, tag = "4")]
+    pub strict: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, ::prost::Message)]
@@ -167,6 +187,10 @@ pub struct InfoResponse {
     /// The worker refuses a turn that would not fit before it reaches the shard.
     #[prost(uint32, tag = "11")]
     pub context_window: u32,
+    /// Whether the engine can constrain a text answer to JSON (`OutputFormat` JSON kinds): the
+    /// worker refuses `text.format` json_schema / json_object for a model whose shards cannot.
+    #[prost(bool, tag = "12")]
+    pub structured_outputs: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -213,6 +237,38 @@ pub struct ImportSessionResponse {
     /// Tokens the shard now holds for the session.
     #[prost(uint32, tag = "2")]
     pub held_len: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum OutputFormatKind {
+    Text = 0,
+    /// Some JSON object.
+    JsonObject = 1,
+    /// JSON that validates against `OutputFormat.schema_json`.
+    JsonSchema = 2,
+}
+impl OutputFormatKind {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Text => "OUTPUT_FORMAT_KIND_TEXT",
+            Self::JsonObject => "OUTPUT_FORMAT_KIND_JSON_OBJECT",
+            Self::JsonSchema => "OUTPUT_FORMAT_KIND_JSON_SCHEMA",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "OUTPUT_FORMAT_KIND_TEXT" => Some(Self::Text),
+            "OUTPUT_FORMAT_KIND_JSON_OBJECT" => Some(Self::JsonObject),
+            "OUTPUT_FORMAT_KIND_JSON_SCHEMA" => Some(Self::JsonSchema),
+            _ => None,
+        }
+    }
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

@@ -262,6 +262,7 @@ impl From<SimArgs> for SimConfig {
             slots: args.slots.max(1),
             output_tokens: args.output_tokens,
             context_window: args.context_window.max(1),
+            structured_outputs: true,
         }
     }
 }

@@ -10,6 +10,10 @@ pub enum ShardError {
     UnknownFunction(String),
     #[error("invalid tool definitions: {0}")]
     InvalidTools(String),
+    #[error("the {0} engine cannot constrain its output to JSON (text.format)")]
+    OutputFormatUnsupported(&'static str),
+    #[error("text.format's JSON schema is not valid: {0}")]
+    InvalidSchema(String),
     #[error("shard is not serving (draining or fenced)")]
     NotServing,
     #[error("the prompt needs {needed} tokens of context; the engine holds {capacity}")]
@@ -38,7 +42,9 @@ impl ShardError {
             ShardError::UnknownModel(_) | ShardError::UnknownFunction(_) | ShardError::InvalidTools(_) => {
                 ErrorClass::InvalidRequest
             }
-            ShardError::ContextExceeded { .. } => ErrorClass::InvalidRequest,
+            ShardError::ContextExceeded { .. }
+            | ShardError::OutputFormatUnsupported(_)
+            | ShardError::InvalidSchema(_) => ErrorClass::InvalidRequest,
             ShardError::IncompatibleState(_) => ErrorClass::InvalidRequest,
             ShardError::NotServing | ShardError::SequenceLost => ErrorClass::Unavailable,
             ShardError::Engine(_) => ErrorClass::Internal,

@@ -9,8 +9,8 @@ use tether_proto::shard::v1::generate_chunk::Kind;
 use tether_proto::shard::v1::shard_server::Shard;
 use tether_proto::shard::v1::{
     CacheMiss, DropSessionRequest, DropSessionResponse, ExportSessionRequest, ExportSessionResponse, Finished,
-    GenerateChunk, GenerateRequest, ImportSessionRequest, ImportSessionResponse, InfoRequest, InfoResponse, Timings,
-    Tokens, Usage,
+    GenerateChunk, GenerateRequest, ImportSessionRequest, ImportSessionResponse, InfoRequest, InfoResponse,
+    OutputFormatKind, Timings, Tokens, Usage,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -95,7 +95,12 @@ impl Shard for ShardService {
             tools: request.tools,
             hints: request.hints,
             prefill_only: request.prefill_only,
+            output_format: request.output_format,
         };
+        let wants_json = job.output_format.as_ref().is_some_and(|f| f.kind() != OutputFormatKind::Text);
+        if wants_json && !self.engine.structured_outputs() {
+            return Err(crate::ShardError::OutputFormatUnsupported(self.engine.name()).into());
+        }
         self.engine.validate(&job)?;
 
         let (tx, rx) = mpsc::channel(64);
@@ -214,6 +219,7 @@ impl Shard for ShardService {
             cache_hits: stats.hits,
             cache_misses: stats.misses,
             context_window: self.engine.context_window(),
+            structured_outputs: self.engine.structured_outputs(),
         }))
     }
 }

@@ -127,6 +127,7 @@ mod tests {
             slots: 1,
             output_tokens: 8,
             context_window: 16,
+            structured_outputs: true,
         });
         let cache = KvCache::new(1_000);
         let request = |tokens: u32| ImportSessionRequest {

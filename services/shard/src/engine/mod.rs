@@ -5,6 +5,7 @@
 
 #[cfg(feature = "llama")]
 pub mod llama;
+pub mod schema;
 pub mod sim;
 pub mod sim_tools;
 #[cfg(any(feature = "llama", test))]
@@ -14,7 +15,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use tether_common::discovery::BoxFuture;
-use tether_proto::shard::v1::{FinishReason, Sampling, ToolSpec};
+use tether_proto::shard::v1::{FinishReason, OutputFormat, Sampling, ToolSpec};
 use tokio::sync::mpsc;
 
 use crate::error::ShardError;
@@ -38,6 +39,8 @@ pub struct Job {
     pub tools: Option<ToolSpec>,
     pub hints: HashMap<String, String>,
     pub prefill_only: bool,
+    /// The shape of a text answer (`text.format`); `None` is plain text.
+    pub output_format: Option<OutputFormat>,
 }
 
 /// Generated tokens and their text.
@@ -64,6 +67,11 @@ pub trait Engine: Send + Sync + 'static {
     fn context_window(&self) -> u32;
     /// Total and busy decode slots.
     fn slots(&self) -> (u32, u32);
+    /// Whether the engine can constrain a text answer to JSON (a schema or any object); the
+    /// shard refuses JSON output formats for an engine that cannot.
+    fn structured_outputs(&self) -> bool {
+        false
+    }
     /// Rejects a job the engine cannot run, before any token is streamed.
     fn validate(&self, job: &Job) -> Result<(), ShardError>;
     /// Runs `job`, sending pieces as they are decoded. Stops early when `out` closes.

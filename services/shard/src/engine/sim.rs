@@ -4,7 +4,9 @@
 //! tokens. Time to first token is `ttft_base + prefill_per_token × uncached tokens`; tokens
 //! then arrive at the decode rate. A bounded number of slots decode at once; the rest queue.
 //! With tools it follows the policy in [`super::sim_tools`], writing the call in the chat
-//! format's `<tool_call>` syntax, which the worker parses like a real model's output.
+//! format's `<tool_call>` syntax, which the worker parses like a real model's output. With a
+//! JSON output format (`text.format`) its text answer is JSON that validates against the
+//! format's schema (see [`super::schema`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -14,10 +16,11 @@ use tether_common::discovery::BoxFuture;
 use tether_common::limits;
 use tether_common::tokenizer::CoreBPE;
 use tether_common::tokenizer::{self, TOOL_CALL_CLOSE, TOOL_CALL_OPEN};
-use tether_proto::shard::v1::FinishReason;
+use tether_proto::shard::v1::{FinishReason, OutputFormat, OutputFormatKind};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
+use super::schema::Contract;
 use super::sim_tools::{self, HINT_OUTPUT_TOKENS, HINT_TOOL_CALLS};
 use super::{Engine, Job, Outcome, Piece};
 use crate::error::ShardError;
@@ -32,6 +35,9 @@ pub struct SimConfig {
     pub output_tokens: u32,
     /// Tokens a session may hold: prompt plus output (a real small model's window).
     pub context_window: u32,
+    /// Whether JSON output formats are honoured (always, from the command line; tests turn
+    /// it off to stand in for an engine that cannot constrain its output, like llama's).
+    pub structured_outputs: bool,
 }
 
 /// Words that are one o200k token each with a leading space: the sim model's vocabulary.
@@ -96,19 +102,23 @@ impl SimEngine {
             }
             None => None,
         };
-        let (source, natural) = match call {
-            Some(call) => {
+        let format = job.output_format.as_ref().map_or(OutputFormatKind::Text, OutputFormat::kind);
+        let (source, natural) = match (call, format) {
+            (Some(call), _) => {
                 // A call's size is bounded by its tool's schema, which the worker caps.
                 let body = serde_json::json!({"name": call.name, "arguments": call.arguments});
-                let ids = self.bpe.encode_ordinary(&format!("{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"));
-                let natural = ids.len() as u32;
-                (Source::Call(ids.into_iter()), natural)
+                self.pieces(&format!("{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}"))
             }
-            None => {
+            (None, OutputFormatKind::Text) => {
                 let length = Self::hint(job, HINT_OUTPUT_TOKENS, limits::SIM_OUTPUT_TOKENS)
                     .unwrap_or(self.config.output_tokens)
                     .clamp(1, limits::SIM_OUTPUT_TOKENS);
                 (Source::Text { length, index: 0, state: job.prompt_hash }, length)
+            }
+            (None, kind) => {
+                // Like a call, the answer's size is bounded by the schema the worker capped.
+                let format = job.output_format.as_ref().expect("a JSON kind comes from a format");
+                self.pieces(&self.structured_answer(kind, format, job.prompt_hash)?)
             }
         };
         let requested = match job.sampling.max_output_tokens {
@@ -128,9 +138,12 @@ impl SimEngine {
             return None;
         }
         let piece = match &mut generator.source {
-            Source::Call(ids) => {
-                let id = ids.next()?;
-                Piece { text: self.bpe.decode(&[id]).unwrap_or_default(), ids: vec![id] }
+            Source::Pieces(pieces) => {
+                let piece = pieces.peek()?;
+                if generator.emitted + piece.ids.len() as u32 > generator.limit {
+                    return None;
+                }
+                pieces.next()?
             }
             Source::Text { length, index, state } => {
                 let (id, text) = if *index + 1 >= *length {
@@ -146,15 +159,55 @@ impl SimEngine {
                 Piece { ids: vec![id], text }
             }
         };
-        generator.emitted += 1;
+        generator.emitted += piece.ids.len() as u32;
         Some(piece)
+    }
+
+    /// `text` as the tokenizer splits it, one token a piece except where a character spans
+    /// tokens (those travel together, so every piece is whole UTF-8); and its token count.
+    fn pieces(&self, text: &str) -> (Source, u32) {
+        let ids = self.bpe.encode_ordinary(text);
+        let natural = ids.len() as u32;
+        let mut pieces = Vec::with_capacity(ids.len());
+        let mut pending: Vec<u32> = Vec::new();
+        for id in ids {
+            pending.push(id);
+            if let Ok(text) = self.bpe.decode(&pending) {
+                pieces.push(Piece { ids: std::mem::take(&mut pending), text });
+            }
+        }
+        (Source::Pieces(pieces.into_iter().peekable()), natural)
+    }
+
+    /// The text of a JSON answer: a value of the format's schema, or an object for
+    /// `json_object`, derived from `seed`.
+    fn structured_answer(
+        &self,
+        kind: OutputFormatKind,
+        format: &OutputFormat,
+        seed: u64,
+    ) -> Result<String, ShardError> {
+        if kind == OutputFormatKind::JsonObject {
+            let mut state = seed;
+            let words: Vec<&str> = (0..8)
+                .map(|_| self.vocabulary[(next(&mut state) % self.vocabulary.len() as u64) as usize].1.trim())
+                .collect();
+            return Ok(serde_json::json!({"answer": words.join(" ")}).to_string());
+        }
+        let schema: serde_json::Value =
+            serde_json::from_str(&format.schema_json).map_err(|e| ShardError::InvalidSchema(e.to_string()))?;
+        if !schema.is_object() {
+            return Err(ShardError::InvalidSchema("the schema must be a JSON object".into()));
+        }
+        let contract = Contract::compile(&schema, format.strict).map_err(ShardError::InvalidSchema)?;
+        Ok(contract.value(seed).to_string())
     }
 }
 
 /// What a job's output is made of.
 enum Source {
-    /// A function call's tokens, in order.
-    Call(std::vec::IntoIter<u32>),
+    /// Prepared text (a function call, a JSON answer), piece by piece.
+    Pieces(std::iter::Peekable<std::vec::IntoIter<Piece>>),
     /// A text answer of `length` tokens: an opener, words, a period; `index` tokens made.
     Text { length: u32, index: u32, state: u64 },
 }
@@ -193,6 +246,10 @@ impl Engine for SimEngine {
 
     fn slots(&self) -> (u32, u32) {
         (self.config.slots, self.busy.load(Ordering::Relaxed))
+    }
+
+    fn structured_outputs(&self) -> bool {
+        self.config.structured_outputs
     }
 
     fn validate(&self, job: &Job) -> Result<(), ShardError> {
@@ -276,7 +333,7 @@ mod tests {
     use std::collections::HashMap;
     use std::time::Duration;
 
-    use tether_proto::shard::v1::{FinishReason, Sampling};
+    use tether_proto::shard::v1::{FinishReason, OutputFormat, OutputFormatKind, Sampling};
     use tokio::sync::mpsc;
 
     use super::{SimConfig, SimEngine};
@@ -292,6 +349,7 @@ mod tests {
             slots: 1,
             output_tokens: 32,
             context_window,
+            structured_outputs: true,
         })
     }
 
@@ -307,6 +365,7 @@ mod tests {
             tools: None,
             hints: hints.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<HashMap<_, _>>(),
             prefill_only: false,
+            output_format: None,
         }
     }
 
@@ -345,6 +404,70 @@ mod tests {
         assert_eq!(first.reason, FinishReason::Stop);
         assert_eq!(first.completion, again.completion);
         assert_eq!(*first.completion.last().unwrap(), engine.period, "an answer ends with a period");
+    }
+
+    fn json_job(max_output_tokens: u32, kind: OutputFormatKind, schema: &serde_json::Value) -> Job {
+        Job {
+            output_format: Some(OutputFormat {
+                kind: kind as i32,
+                schema_json: schema.to_string(),
+                name: "answer".into(),
+                strict: true,
+            }),
+            ..job(10, max_output_tokens, &[])
+        }
+    }
+
+    async fn text(engine: &SimEngine, job: Job) -> (String, super::Outcome) {
+        let (tx, mut rx) = mpsc::channel::<crate::engine::Piece>(1024);
+        let collect = tokio::spawn(async move {
+            let mut text = String::new();
+            while let Some(piece) = rx.recv().await {
+                text.push_str(&piece.text);
+            }
+            text
+        });
+        engine.validate(&job).expect("valid job");
+        let outcome = engine.run(job, tx).await.expect("the job runs");
+        (collect.await.unwrap(), outcome)
+    }
+
+    #[tokio::test]
+    async fn a_json_schema_answer_is_json_that_validates() {
+        let engine = engine(32_768);
+        let schema = serde_json::json!({"type":"object","properties":{
+            "city":{"type":"string","enum":["Paris","Zürich"]},"when":{"type":"string","format":"date"},
+            "temps":{"type":"array","items":{"type":"number","minimum":-10,"maximum":40},"minItems":2}},
+            "required":["city","when","temps"],"additionalProperties":false});
+        let (answer, outcome) = text(&engine, json_job(0, OutputFormatKind::JsonSchema, &schema)).await;
+        let value: serde_json::Value = serde_json::from_str(&answer).expect("the answer is JSON");
+        assert!(
+            jsonschema::options().should_validate_formats(true).build(&schema).unwrap().is_valid(&value),
+            "{value}"
+        );
+        assert_eq!(outcome.reason, FinishReason::Stop);
+        assert_eq!(engine.bpe.decode(&outcome.completion).unwrap(), answer, "the pieces are whole characters");
+
+        let (object, _) = text(&engine, json_job(0, OutputFormatKind::JsonObject, &serde_json::Value::Null)).await;
+        assert!(serde_json::from_str::<serde_json::Value>(&object).unwrap().is_object());
+    }
+
+    #[tokio::test]
+    async fn a_json_answer_cut_by_max_output_tokens_ends_at_length() {
+        let engine = engine(32_768);
+        let schema =
+            serde_json::json!({"type":"object","properties":{"a":{"type":"string","minLength":200}},"required":["a"]});
+        let (answer, outcome) = text(&engine, json_job(5, OutputFormatKind::JsonSchema, &schema)).await;
+        assert_eq!(outcome.reason, FinishReason::Length);
+        assert!(outcome.completion.len() <= 5);
+        assert!(serde_json::from_str::<serde_json::Value>(&answer).is_err(), "a cut answer is not whole JSON");
+    }
+
+    #[test]
+    fn an_invalid_schema_is_refused() {
+        let engine = engine(100);
+        let job = json_job(0, OutputFormatKind::JsonSchema, &serde_json::json!({"type": 12}));
+        assert!(matches!(engine.validate(&job), Err(ShardError::InvalidSchema(_))));
     }
 
     #[test]

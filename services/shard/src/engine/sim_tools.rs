@@ -1,9 +1,10 @@
 //! The sim engine's tool policy: whether a turn calls a function, which one, and arguments
-//! that satisfy the function's JSON schema (required properties present, with the right types).
+//! that validate against the function's JSON schema (see [`super::schema`]).
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tether_proto::shard::v1::{ToolChoice, ToolSpec};
 
+use super::schema::{self, Contract};
 use crate::error::ShardError;
 
 /// The engine hint: how many function calls precede the final answer under `"auto"`.
@@ -40,7 +41,7 @@ pub fn plan(spec: &ToolSpec, calls_before_answer: u32, seed: u64) -> Result<Opti
         // A function without a schema (`parameters` absent or null, as the API allows) takes an
         // object with any properties: its arguments are `{}`, never a bare value.
         arguments: match tool.get("parameters") {
-            Some(schema @ Value::Object(_)) => synthesize(schema, seed, 0),
+            Some(schema @ Value::Object(_)) => arguments(schema, tool.get("strict") != Some(&Value::Bool(false)), seed),
             _ => json!({}),
         },
     }))
@@ -54,57 +55,13 @@ fn parse_tools(tools_json: &str) -> Result<Vec<Value>, ShardError> {
     Ok(tools.into_iter().filter(|tool| tool.get("type").and_then(Value::as_str) == Some("function")).collect())
 }
 
-/// Builds a value that satisfies `schema` (the JSON Schema subset function tools use).
-pub fn synthesize(schema: &Value, seed: u64, depth: u32) -> Value {
-    if depth > 8 {
-        return Value::Null;
+/// Arguments that validate against `schema`; a schema the validator cannot compile (the API
+/// does not check tool schemas) gets the synthesizer's best effort.
+fn arguments(schema: &Value, strict: bool, seed: u64) -> Value {
+    match Contract::compile(schema, strict) {
+        Ok(contract) => contract.value(seed),
+        Err(_) => schema::synthesize(schema, seed, strict),
     }
-    if let Some(options) = schema.get("enum").and_then(Value::as_array)
-        && !options.is_empty()
-    {
-        return options[(seed % options.len() as u64) as usize].clone();
-    }
-    if let Some(constant) = schema.get("const") {
-        return constant.clone();
-    }
-    for key in ["anyOf", "oneOf"] {
-        if let Some(first) = schema.get(key).and_then(Value::as_array).and_then(|v| v.first()) {
-            return synthesize(first, seed, depth + 1);
-        }
-    }
-    let kind = match schema.get("type") {
-        Some(Value::String(kind)) => kind.as_str(),
-        Some(Value::Array(kinds)) => kinds.iter().filter_map(Value::as_str).find(|k| *k != "null").unwrap_or("null"),
-        _ if schema.get("properties").is_some() => "object",
-        _ => "string",
-    };
-    match kind {
-        "object" => {
-            let mut object = Map::new();
-            if let Some(properties) = schema.get("properties").and_then(Value::as_object) {
-                for (index, (name, property)) in properties.iter().enumerate() {
-                    object.insert(name.clone(), synthesize(property, mix(seed, index as u64), depth + 1));
-                }
-            }
-            Value::Object(object)
-        }
-        "array" => {
-            let item = schema.get("items").map_or(Value::Null, |items| synthesize(items, seed, depth + 1));
-            let min = schema.get("minItems").and_then(Value::as_u64).unwrap_or(1).max(1);
-            Value::Array(vec![item; min.min(4) as usize])
-        }
-        "integer" => json!(seed % 100),
-        "number" => json!((seed % 1000) as f64 / 10.0),
-        "boolean" => json!(seed.is_multiple_of(2)),
-        "null" => Value::Null,
-        _ => json!(format!("value-{}", seed % 10_000)),
-    }
-}
-
-fn mix(seed: u64, salt: u64) -> u64 {
-    let mut z = seed ^ salt.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
@@ -112,7 +69,8 @@ mod tests {
     use serde_json::{Value, json};
     use tether_proto::shard::v1::{ToolChoice, ToolSpec};
 
-    use super::{plan, synthesize};
+    use super::plan;
+    use crate::engine::schema::synthesize;
 
     fn spec(choice: ToolChoice, function: &str, seen: u32) -> ToolSpec {
         let tools = json!([
@@ -170,7 +128,6 @@ mod tests {
     #[test]
     fn synthesis_is_deterministic() {
         let schema = json!({"type":"object","properties":{"a":{"type":"number"},"b":{"type":["null","boolean"]}}});
-        assert_eq!(synthesize(&schema, 3, 0), synthesize(&schema, 3, 0));
-        assert!(synthesize(&schema, 3, 0)["b"].is_boolean());
+        assert_eq!(synthesize(&schema, 3, true), synthesize(&schema, 3, true));
     }
 }

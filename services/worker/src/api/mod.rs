@@ -6,3 +6,4 @@ pub mod item_list;
 pub mod items;
 pub mod request;
 pub mod response;
+pub mod text_format;

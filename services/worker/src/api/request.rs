@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 use tether_common::limits;
 
 use super::items::{self, Item};
+use super::text_format::{self, TextFormat};
 use crate::error::WorkerError;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +38,8 @@ pub struct CreateRequest {
     /// `truncation: "auto"`: drop the oldest items of the chain when the prompt would not fit
     /// the model's context window (`"disabled"`, the default, refuses the turn instead).
     pub truncation_auto: bool,
+    /// `text.format`: the shape of a text answer (the `text` field is echoed as sent).
+    pub text_format: TextFormat,
     /// Other settings echoed unchanged (text, reasoning, truncation, user, safety_identifier).
     pub echo: Map<String, Value>,
 }
@@ -106,6 +109,7 @@ impl CreateRequest {
             Some(Value::String(mode)) if mode == "disabled" => false,
             Some(_) => return Err(WorkerError::invalid("truncation", "'truncation' must be 'auto' or 'disabled'.")),
         };
+        let text_format = text_format::parse(body.get("text"))?;
         let echo = ECHOED.iter().filter_map(|key| body.remove(*key).map(|v| ((*key).to_owned(), v))).collect();
         Ok(CreateRequest {
             model,
@@ -124,6 +128,7 @@ impl CreateRequest {
             generate,
             prompt_cache_key,
             truncation_auto,
+            text_format,
             echo,
         })
     }

@@ -7,13 +7,16 @@
 use std::collections::HashMap;
 
 use tether_proto::shard::v1::generate_chunk::Kind;
-use tether_proto::shard::v1::{Finished, GenerateRequest, Sampling, ToolChoice, ToolSpec};
+use tether_proto::shard::v1::{
+    Finished, GenerateRequest, OutputFormat, OutputFormatKind, Sampling, ToolChoice, ToolSpec,
+};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::prepare::Prepared;
 use crate::api::events::{Closed, Emitter};
 use crate::api::request::ToolChoice as RequestToolChoice;
+use crate::api::text_format::TextFormat;
 use crate::context::WorkerContext;
 use crate::error::WorkerError;
 use crate::metrics as m;
@@ -74,6 +77,23 @@ pub fn generate_request(prepared: &Prepared, prefill_only: bool) -> GenerateRequ
         tools,
         hints,
         prefill_only,
+        output_format: output_format(&request.text_format),
+    }
+}
+
+/// The shard's form of `text.format` (`None` for plain text).
+fn output_format(format: &TextFormat) -> Option<OutputFormat> {
+    match format {
+        TextFormat::Text => None,
+        TextFormat::JsonObject => {
+            Some(OutputFormat { kind: OutputFormatKind::JsonObject as i32, ..Default::default() })
+        }
+        TextFormat::JsonSchema { name, schema, strict } => Some(OutputFormat {
+            kind: OutputFormatKind::JsonSchema as i32,
+            schema_json: schema.to_string(),
+            name: name.clone(),
+            strict: *strict,
+        }),
     }
 }
 

@@ -86,6 +86,18 @@ pub fn plan(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) -> 
         None if ctx.shards.is_empty() => return Err(WorkerError::NoShard),
         _ => {}
     }
+    // A JSON `text.format` needs an engine that can constrain its output (the sim can; the
+    // llama engine cannot): refuse it up front rather than answer with unconstrained text.
+    if request.text_format.is_json() && ctx.shards.structured_outputs(&request.model) == Some(false) {
+        return Err(WorkerError::invalid(
+            "text.format",
+            format!(
+                "The model '{}' cannot produce structured outputs on this server: its engine cannot \
+                 constrain output to JSON. Use 'text.format' of type 'text'.",
+                request.model
+            ),
+        ));
+    }
     if parent.is_none() && request.input.is_empty() && request.generate {
         return Err(WorkerError::invalid("input", "'input' is required when there is no 'previous_response_id'."));
     }

@@ -23,11 +23,16 @@ pub struct GrpcShard {
 struct Described {
     models: Vec<String>,
     context_window: u32,
+    structured_outputs: bool,
 }
 
 impl Described {
     fn update(lock: &RwLock<Described>, info: InfoResponse) {
-        *lock.write() = Described { models: info.models, context_window: info.context_window };
+        *lock.write() = Described {
+            models: info.models,
+            context_window: info.context_window,
+            structured_outputs: info.structured_outputs,
+        };
     }
 }
 
@@ -73,6 +78,10 @@ impl ShardApi for GrpcShard {
 
     fn context_window(&self) -> u32 {
         self.described.read().context_window
+    }
+
+    fn structured_outputs(&self) -> bool {
+        self.described.read().structured_outputs
     }
 
     fn probe(&self) -> BoxFuture<'static, bool> {

@@ -30,6 +30,11 @@ pub trait ShardApi: Send + Sync + 'static {
     fn context_window(&self) -> u32 {
         0
     }
+    /// Whether the shard's engine can constrain a text answer to JSON (`text.format`
+    /// json_schema / json_object), known once it answered `Info`; false while unknown.
+    fn structured_outputs(&self) -> bool {
+        false
+    }
     /// Whether the shard answers (an ejected shard is readmitted when it does).
     fn probe(&self) -> BoxFuture<'static, bool>;
 }
@@ -95,6 +100,21 @@ impl ShardPool {
             .map(|(_, api)| api.context_window())
             .filter(|&window| window > 0)
             .min()
+    }
+}
+
+impl ShardPool {
+    /// Whether every live shard serving `model` can constrain its output to JSON (a turn may
+    /// land on any of them); `None` while none serving it has described itself.
+    pub fn structured_outputs(&self, model: &str) -> Option<bool> {
+        let serving: Vec<bool> = self
+            .nodes
+            .live()
+            .into_iter()
+            .filter(|(_, api)| api.models().iter().any(|m| m == model))
+            .map(|(_, api)| api.structured_outputs())
+            .collect();
+        (!serving.is_empty()).then(|| serving.iter().all(|&able| able))
     }
 }
 
