@@ -198,6 +198,23 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
             .collect()
     }
 
+    /// Returns the owner of `key` among all members, ejected ones included (its home).
+    pub fn home(&self, key: u64) -> Option<Arc<str>> {
+        self.view.read().members.owner(key).map(Arc::from)
+    }
+
+    /// Every member with its client and whether it is live (not ejected), by id.
+    pub fn all(&self) -> Vec<(Arc<str>, C, bool)> {
+        let view = self.view.read();
+        let mut all: Vec<(Arc<str>, C, bool)> = view
+            .nodes
+            .iter()
+            .map(|(id, (_, client))| (Arc::from(id.as_str()), client.clone(), !view.ejected.contains(id)))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     pub fn get(&self, id: &str) -> Option<C> {
         self.view.read().nodes.get(id).map(|(_, client)| client.clone())
     }

@@ -13,6 +13,7 @@ use crate::peers::Peers;
 use crate::safety::Classifier;
 use crate::session::SessionCache;
 use crate::shard_pool::ShardPool;
+use crate::stats::WorkerStats;
 use crate::tokenizer::Renderers;
 
 /// Everything a turn needs from its worker.
@@ -29,4 +30,6 @@ pub struct WorkerContext {
     pub replication: ReplicationMode,
     /// Each tenant's budget of uncached prefill tokens.
     pub prefill_budget: PrefillBudget,
+    /// Counters for the operator view (`Status`).
+    pub stats: WorkerStats,
 }

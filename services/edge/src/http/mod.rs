@@ -1,5 +1,6 @@
 //! The HTTP surface of the Responses API.
 
+pub mod cluster;
 pub mod models;
 pub mod replay;
 pub mod responses;
