@@ -170,8 +170,7 @@ impl Page {
                     if let Some(reply) = reader_pending.lock().remove(&id) {
                         let _ = reply.send(message);
                     }
-                } else if let Some(error) = page_error(message["method"].as_str().unwrap_or(""), &message["params"])
-                {
+                } else if let Some(error) = page_error(message["method"].as_str().unwrap_or(""), &message["params"]) {
                     reader_errors.lock().push(error);
                 }
             }

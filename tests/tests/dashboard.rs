@@ -79,7 +79,8 @@ impl Processes {
             Process::start(name, &all, dir.path())
         };
         let shards = (0..2).map(|i| spawn(&format!("shard-{i}"), &["shard", "--id", &format!("shard-{i}")])).collect();
-        let workers = (0..3).map(|i| spawn(&format!("worker-{i}"), &["worker", "--id", &format!("worker-{i}")])).collect();
+        let workers =
+            (0..3).map(|i| spawn(&format!("worker-{i}"), &["worker", "--id", &format!("worker-{i}")])).collect();
         let edge = spawn("edge", &["edge", "--auth", "open"]);
         Processes { _etcd: etcd, _dir: dir, edge, workers, _shards: shards }
     }
@@ -97,7 +98,8 @@ async fn worker_rows(page: &Page) -> Vec<(String, String, u64, u64)> {
 }
 
 async fn completed_turns(edge: &str) -> u64 {
-    let view: Option<Value> = async { reqwest::get(format!("{edge}/v1/cluster/status")).await.ok()?.json().await.ok() }.await;
+    let view: Option<Value> =
+        async { reqwest::get(format!("{edge}/v1/cluster/status")).await.ok()?.json().await.ok() }.await;
     view.and_then(|v| v["edge"]["outcomes"]["ok"].as_u64()).unwrap_or(0)
 }
 

@@ -303,4 +303,22 @@ mod tests {
         assert_eq!(one, [walk[2].clone(), owner.to_owned()]);
         stop.cancel();
     }
+
+    #[tokio::test]
+    async fn an_ejected_node_stays_the_home_of_its_keys() {
+        let discovery = FixedDiscovery::new(["a", "b", "c"].into_iter().map(member).collect(), Vec::new());
+        let connect: Connect<()> = Arc::new(|_: &Member| Some(()));
+        let never: Probe<()> = Arc::new(|()| Box::pin(async { false }));
+        let stop = CancellationToken::new();
+        let set = NodeSet::start(&discovery, NodeKind::Worker, connect, never, Duration::from_secs(3600), stop.clone());
+        let key = 7;
+        let (owner, ()) = set.owner(key).unwrap();
+        set.eject(&owner);
+        assert_eq!(set.home(key), Some(owner.clone()), "the home is the owner among all members");
+        assert_ne!(set.owner(key).map(|(id, ())| id), Some(owner.clone()), "turns go elsewhere");
+        let all: Vec<(String, bool)> = set.all().into_iter().map(|(id, (), live)| (id.to_string(), live)).collect();
+        assert_eq!(all.len(), 3);
+        assert!(all.iter().all(|(id, live)| *live == (**id != *owner)), "{all:?}");
+        stop.cancel();
+    }
 }

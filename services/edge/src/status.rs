@@ -3,8 +3,8 @@
 //! shard (`Info`), the edge's own turn statistics, and a log of state changes between
 //! requests. `/v1/cluster/status`, `/dashboard` and `tether status` all show this snapshot.
 //!
-//! Worker states, most telling first: `draining` (it says so), `fenced` (up but lost its
-//! lease), `ejected` (this edge took it out of its ring after a refused or broken call),
+//! Worker states, most telling first: `draining` (it says so), `fenced` (up but not serving:
+//! it lost its lease, or has not registered yet), `ejected` (this edge took it out of its ring after a refused or broken call),
 //! `unreachable` (a member that did not answer `Status`), `live`, and `gone` (no longer a
 //! member; shown for [`GONE_FOR`]). Shards are `live`, `unreachable` or `gone`.
 
@@ -161,8 +161,7 @@ impl<V: NodeView> Tracker<V> {
             self.gone.remove(row.id());
         }
         let present: Vec<&str> = rows.iter().map(NodeView::id).collect();
-        let left: Vec<String> =
-            self.last.keys().filter(|id| !present.contains(&id.as_str())).cloned().collect();
+        let left: Vec<String> = self.last.keys().filter(|id| !present.contains(&id.as_str())).cloned().collect();
         let mut kept = Vec::new();
         for id in left {
             let last = self.last[&id].clone();
@@ -231,7 +230,10 @@ impl ClusterView {
 async fn worker_view(handle: WorkerHandle, live: bool, addr: String, moved_in: u64) -> WorkerView {
     let mut client = handle.client.clone();
     let reply = tokio::time::timeout(CALL_TIMEOUT, client.status(StatusRequest {}))
-        .await.ok().and_then(Result::ok).map(|r| r.into_inner());
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|r| r.into_inner());
     let state = match &reply {
         Some(status) if status.draining => "draining",
         Some(status) if !status.serving => "fenced",
@@ -298,8 +300,8 @@ pub async fn snapshot(state: &EdgeState) -> ClusterStatus {
     let (mut workers, mut shards) = tokio::join!(join_all(workers), join_all(shards));
     let events = state.cluster.remember(&mut workers, &mut shards);
     let live_shards = shards.iter().filter(|s| s.state == "live");
-    let (hits, misses) = live_shards
-        .fold((0, 0), |(h, m), s| (h + s.cache_hits.unwrap_or(0), m + s.cache_misses.unwrap_or(0)));
+    let (hits, misses) =
+        live_shards.fold((0, 0), |(h, m), s| (h + s.cache_hits.unwrap_or(0), m + s.cache_misses.unwrap_or(0)));
     let lookups = hits + misses;
     ClusterStatus {
         at_ms: now_ms(),

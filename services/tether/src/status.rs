@@ -42,7 +42,7 @@ pub async fn run(args: &StatusArgs, shutdown: CancellationToken) -> Result<(), C
             (Err(error), false) => return Err(CliError::Service(error.clone())),
             // Clear the screen and redraw; an error is shown in place of the view.
             (Ok(view), true) => print!("\x1b[2J\x1b[H{}", render(view)),
-            (Err(error), true) => print!("\x1b[2J\x1b[H{error}\n"),
+            (Err(error), true) => println!("\x1b[2J\x1b[H{error}"),
         }
         if !args.watch {
             return Ok(());
@@ -118,7 +118,16 @@ pub fn render(view: &Value) -> String {
     );
 
     let mut t = table(&[
-        "worker", "state", "sessions", "in flight", "edge sessions", "turns", "moved in", "pulls", "handed off", "fenced",
+        "worker",
+        "state",
+        "sessions",
+        "in flight",
+        "edge sessions",
+        "turns",
+        "moved in",
+        "pulls",
+        "handed off",
+        "fenced",
     ]);
     for w in workers {
         t.add_row(vec![
@@ -169,7 +178,8 @@ pub fn render(view: &Value) -> String {
         let _ = writeln!(out, "recent changes:");
         for e in events.iter().rev().take(8) {
             let from = e["from"].as_str().map_or("joined".to_owned(), |from| format!("{from} ->"));
-            let seconds_ago = view["at_ms"].as_u64().unwrap_or(0).saturating_sub(e["at_ms"].as_u64().unwrap_or(0)) / 1000;
+            let seconds_ago =
+                view["at_ms"].as_u64().unwrap_or(0).saturating_sub(e["at_ms"].as_u64().unwrap_or(0)) / 1000;
             let _ = writeln!(
                 out,
                 "  {:>5}s ago  {} {}: {} {}",

@@ -87,7 +87,10 @@ mod tests {
         let guard = stats.turn();
         stats.pulled();
         stats.handed_off(3);
-        assert_eq!(stats.snapshot(), StatsSnapshot { in_flight: 1, turns: 1, pulls: 1, handed_off: 3, ..Default::default() });
+        assert_eq!(
+            stats.snapshot(),
+            StatsSnapshot { in_flight: 1, turns: 1, pulls: 1, handed_off: 3, ..Default::default() }
+        );
         drop(guard);
         assert_eq!(stats.snapshot().in_flight, 0);
         assert_eq!(stats.snapshot().turns, 1);
