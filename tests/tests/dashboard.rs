@@ -183,3 +183,42 @@ async fn the_dashboard_shows_a_killed_worker_ejected_and_its_sessions_moving() {
     let errors = page.errors();
     assert!(errors.is_empty(), "the page logged errors: {errors:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_keys_the_page_asks_for_the_admin_key_and_keeps_it_for_the_tab() {
+    let Some(browser) = Browser::start().await else { return };
+    let cluster = Cluster::builder()
+        .workers(2)
+        .shards(1)
+        .edge_config(|c| {
+            c.auth = AuthMode::Keys;
+            c.api_keys = [("sk-alpha".to_owned(), "alpha".to_owned())].into();
+            c.admin_key = Some(AdminKey("sk-operator".into()));
+        })
+        .start()
+        .await;
+    let page = browser.open(&format!("{}/dashboard", cluster.url())).await;
+    wait::until(Duration::from_secs(20), "the page asks for the admin key", || async {
+        let asks = page.eval("getComputedStyle(document.getElementById('keyform')).display !== 'none'").await;
+        (asks == true).then_some(())
+    })
+    .await;
+    assert_eq!(page.eval("document.querySelectorAll('tr[data-worker]').length").await, 0, "no data without the key");
+
+    page.eval(
+        "document.getElementById('key').value = 'sk-operator'; \
+         document.getElementById('keyform').requestSubmit(); true",
+    )
+    .await;
+    wait::until(Duration::from_secs(20), "the page shows the workers with the key", || async {
+        (page.eval("document.querySelectorAll('tr[data-worker][data-state=live]').length").await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(page.eval("sessionStorage.getItem('tether-admin-key')").await, "sk-operator");
+    assert_eq!(page.eval("location.href.includes('sk-operator')").await, false, "never in the URL");
+    // The refusals before the key are the page's expected path, not errors: the page handles
+    // them. Chromium still logs each 401/403 fetch as a failed resource load.
+    let errors: Vec<String> =
+        page.errors().into_iter().filter(|e| !(e.contains("status of 401") || e.contains("status of 403"))).collect();
+    assert!(errors.is_empty(), "the page logged errors: {errors:#?}");
+}
