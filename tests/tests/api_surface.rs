@@ -61,8 +61,9 @@ async fn a_tool_call_cut_by_max_output_tokens_is_incomplete_without_markup() {
         assert!(!text.contains("tool_call"), "no internal markup in the output: {text}");
         for item in response["output"].as_array().unwrap() {
             assert_eq!(item["type"], "function_call", "no text made of a cut call: {item}");
-            let arguments: Value = serde_json::from_str(item["arguments"].as_str().unwrap()).unwrap();
-            assert!(arguments.is_object());
+            // A call cut after it opened (its arguments had begun streaming) is closed unfinished.
+            assert_eq!(item["status"], "incomplete", "{item}");
+            assert!(item["arguments"].as_str().unwrap().starts_with('{'), "{item}");
         }
 
         // The same over SSE: no delta or item carries the markup.
@@ -118,10 +119,6 @@ async fn unimplemented_endpoints_and_unmatched_routes_answer_protocol_errors() {
 
     let compact = http.post(format!("{base}/v1/responses/compact")).json(&body).send().await.unwrap();
     let error = error_reply(compact, 501, "compact").await;
-    assert_eq!(error["code"], "unsupported_endpoint");
-
-    let count = http.post(format!("{base}/v1/responses/input_tokens")).json(&body).send().await.unwrap();
-    let error = error_reply(count, 501, "input_tokens").await;
     assert_eq!(error["code"], "unsupported_endpoint");
 
     let cases = [

@@ -181,6 +181,11 @@ async fn tools_reach_the_prompt_and_calls_are_only_what_the_model_wrote() {
     let calls = function_calls(&response);
     for call in &calls {
         assert_eq!(call["name"], "run_tests", "{call}");
+        if call["status"] == "incomplete" {
+            // Cut by max_output_tokens while its arguments streamed: unfinished, and said so.
+            assert_eq!(response["status"], "incomplete", "{response}");
+            continue;
+        }
         let arguments: Value =
             serde_json::from_str(call["arguments"].as_str().expect("arguments")).expect("JSON arguments");
         assert!(arguments.is_object(), "{call}");

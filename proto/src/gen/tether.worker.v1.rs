@@ -255,6 +255,21 @@ pub struct ListModelsResponse {
     pub models: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListInputItemsRequest {
+    #[prost(message, optional, tag = "1")]
+    pub response: ::core::option::Option<ResponseRef>,
+    /// Items per page, 1 to 100 (the edge checked it).
+    #[prost(uint32, tag = "2")]
+    pub limit: u32,
+    /// Oldest first (`order=asc`); newest first otherwise.
+    #[prost(bool, tag = "3")]
+    pub ascending: bool,
+    /// List the items after this item id (empty: from the start).
+    #[prost(string, tag = "4")]
+    pub after: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StatusRequest {}
 /// A worker's state for operators: cheap counters, read on request.
@@ -608,6 +623,75 @@ pub mod worker_client {
                 .insert(GrpcMethod::new("tether.worker.v1.Worker", "FetchState"));
             self.inner.unary(req, path, codec).await
         }
+        /// Cancels a turn in flight (POST /v1/responses/{id}/cancel): its final Response object
+        /// with status "cancelled", or the protocol's error for a finished or unknown response.
+        pub async fn cancel_response(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ResponseRef>,
+        ) -> std::result::Result<tonic::Response<super::ResponseBody>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tether.worker.v1.Worker/CancelResponse",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tether.worker.v1.Worker", "CancelResponse"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Lists a page of a stored response's input items (GET /v1/responses/{id}/input_items),
+        /// found as GetResponse finds it (tenant check, pull of a moved chain).
+        pub async fn list_input_items(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListInputItemsRequest>,
+        ) -> std::result::Result<tonic::Response<super::ResponseBody>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tether.worker.v1.Worker/ListInputItems",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tether.worker.v1.Worker", "ListInputItems"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Counts the input tokens a create body would have (POST /v1/responses/input_tokens): the
+        /// prompt rendered as the turn would render it, without running the turn.
+        pub async fn count_input_tokens(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TurnRequest>,
+        ) -> std::result::Result<tonic::Response<super::ResponseBody>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tether.worker.v1.Worker/CountInputTokens",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tether.worker.v1.Worker", "CountInputTokens"));
+            self.inner.unary(req, path, codec).await
+        }
         /// The operator view: what the worker holds and does (the edge's /v1/cluster/status).
         pub async fn status(
             &mut self,
@@ -699,6 +783,24 @@ pub mod worker_server {
             tonic::Response<super::FetchStateResponse>,
             tonic::Status,
         >;
+        /// Cancels a turn in flight (POST /v1/responses/{id}/cancel): its final Response object
+        /// with status "cancelled", or the protocol's error for a finished or unknown response.
+        async fn cancel_response(
+            &self,
+            request: tonic::Request<super::ResponseRef>,
+        ) -> std::result::Result<tonic::Response<super::ResponseBody>, tonic::Status>;
+        /// Lists a page of a stored response's input items (GET /v1/responses/{id}/input_items),
+        /// found as GetResponse finds it (tenant check, pull of a moved chain).
+        async fn list_input_items(
+            &self,
+            request: tonic::Request<super::ListInputItemsRequest>,
+        ) -> std::result::Result<tonic::Response<super::ResponseBody>, tonic::Status>;
+        /// Counts the input tokens a create body would have (POST /v1/responses/input_tokens): the
+        /// prompt rendered as the turn would render it, without running the turn.
+        async fn count_input_tokens(
+            &self,
+            request: tonic::Request<super::TurnRequest>,
+        ) -> std::result::Result<tonic::Response<super::ResponseBody>, tonic::Status>;
         /// The operator view: what the worker holds and does (the edge's /v1/cluster/status).
         async fn status(
             &self,
@@ -1072,6 +1174,137 @@ pub mod worker_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = FetchStateSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tether.worker.v1.Worker/CancelResponse" => {
+                    #[allow(non_camel_case_types)]
+                    struct CancelResponseSvc<T: Worker>(pub Arc<T>);
+                    impl<T: Worker> tonic::server::UnaryService<super::ResponseRef>
+                    for CancelResponseSvc<T> {
+                        type Response = super::ResponseBody;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ResponseRef>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Worker>::cancel_response(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CancelResponseSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tether.worker.v1.Worker/ListInputItems" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListInputItemsSvc<T: Worker>(pub Arc<T>);
+                    impl<
+                        T: Worker,
+                    > tonic::server::UnaryService<super::ListInputItemsRequest>
+                    for ListInputItemsSvc<T> {
+                        type Response = super::ResponseBody;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListInputItemsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Worker>::list_input_items(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListInputItemsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tether.worker.v1.Worker/CountInputTokens" => {
+                    #[allow(non_camel_case_types)]
+                    struct CountInputTokensSvc<T: Worker>(pub Arc<T>);
+                    impl<T: Worker> tonic::server::UnaryService<super::TurnRequest>
+                    for CountInputTokensSvc<T> {
+                        type Response = super::ResponseBody;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TurnRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Worker>::count_input_tokens(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CountInputTokensSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

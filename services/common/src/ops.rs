@@ -1,4 +1,7 @@
-//! The operations endpoints every service answers: `/healthz`, `/readyz` and `/metrics`.
+//! The operations endpoints every service answers: `/healthz`, `/readyz`, `/health` and
+//! `/metrics`. `/health` is the name peer routers probe (vLLM's and SGLang's routers mark a
+//! backend usable on its 200): it answers as `/readyz` does, so a draining node stops receiving
+//! their traffic.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,10 +31,37 @@ pub fn router(readiness: Readiness) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/health", get(readyz))
         .route("/metrics", get(|| async { crate::telemetry::prometheus().render() }))
         .with_state(readiness)
 }
 
 async fn readyz(State(readiness): State<Readiness>) -> impl IntoResponse {
     if readiness.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::{Readiness, router};
+
+    async fn status(readiness: &Readiness, path: &str) -> StatusCode {
+        let request = Request::get(path).body(Body::empty()).unwrap();
+        router(readiness.clone()).oneshot(request).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn health_follows_readiness_for_peer_routers() {
+        let readiness = Readiness::default();
+        assert_eq!(status(&readiness, "/health").await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status(&readiness, "/healthz").await, StatusCode::OK);
+        readiness.set(true);
+        assert_eq!(status(&readiness, "/health").await, StatusCode::OK);
+        assert_eq!(status(&readiness, "/readyz").await, StatusCode::OK);
+        readiness.set(false); // draining
+        assert_eq!(status(&readiness, "/health").await, StatusCode::SERVICE_UNAVAILABLE);
+    }
 }

@@ -1,7 +1,7 @@
 //! The worker's shared context: everything a turn, a replication, a pull or a hand-off needs
 //! from its worker (the session cache, the shard pool, the peers, the renderers, the safety
-//! classifier, the budgets). It imports neither the pipeline nor replication, so both stand
-//! above it.
+//! classifier, the budgets, the turns in flight). It imports neither the pipeline nor
+//! replication, so both stand above it.
 
 use std::sync::Arc;
 
@@ -9,6 +9,7 @@ use tether_common::ops::Readiness;
 
 use crate::budget::PrefillBudget;
 use crate::config::ReplicationMode;
+use crate::in_flight::InFlight;
 use crate::peers::Peers;
 use crate::safety::Classifier;
 use crate::session::SessionCache;
@@ -30,6 +31,8 @@ pub struct WorkerContext {
     pub replication: ReplicationMode,
     /// Each tenant's budget of uncached prefill tokens.
     pub prefill_budget: PrefillBudget,
+    /// The turns in flight, by response id (what a cancel finds).
+    pub in_flight: Arc<InFlight>,
     /// Counters for the operator view (`Status`).
     pub stats: WorkerStats,
 }

@@ -11,12 +11,17 @@ pub enum WorkerError {
     PreviousResponseNotFound(String),
     #[error("Response with id '{0}' not found.")]
     ResponseNotFound(String),
+    #[error("Cannot cancel a response with status '{status}': only a response in progress can be cancelled.")]
+    NotCancellable { status: String },
     #[error("The model '{0}' does not exist or you do not have access to it.")]
     ModelNotFound(String),
     #[error("The input was flagged by the safety classifier (category: {0}).")]
     Flagged(String),
     #[error("{0}")]
     RateLimited(String),
+    /// The model opened a function call and then wrote something that is not one.
+    #[error("The model wrote a malformed function call. Retry the request.")]
+    MalformedToolCall,
     #[error("no shard is available")]
     NoShard,
     #[error("shard failed: {0}")]
@@ -45,6 +50,7 @@ impl WorkerError {
             WorkerError::InvalidRequest { .. }
             | WorkerError::PreviousResponseNotFound(_)
             | WorkerError::ModelNotFound(_)
+            | WorkerError::NotCancellable { .. }
             | WorkerError::Flagged(_) => ErrorClass::InvalidRequest,
             WorkerError::ResponseNotFound(_) => ErrorClass::NotFound,
             WorkerError::RateLimited(_) => ErrorClass::Overloaded,
@@ -54,7 +60,7 @@ impl WorkerError {
                 class => class,
             },
             WorkerError::NotServing | WorkerError::Discovery(_) => ErrorClass::Unavailable,
-            WorkerError::Io(_) | WorkerError::ShutdownDeadline => ErrorClass::Internal,
+            WorkerError::Io(_) | WorkerError::ShutdownDeadline | WorkerError::MalformedToolCall => ErrorClass::Internal,
         }
     }
 
@@ -70,6 +76,7 @@ impl WorkerError {
             }
             WorkerError::ResponseNotFound(_) => ("invalid_request_error", "not_found", ""),
             WorkerError::ModelNotFound(_) => ("invalid_request_error", "model_not_found", "model"),
+            WorkerError::NotCancellable { .. } => ("invalid_request_error", "response_not_cancellable", ""),
             WorkerError::Flagged(_) => ("invalid_request_error", "invalid_prompt", "input"),
             // A shard refused the job itself (e.g. a prompt past its window that the worker
             // could not check yet): the client's request, in the protocol's shape.
@@ -81,6 +88,8 @@ impl WorkerError {
         };
         // Internal failures keep their detail in the logs, not in the client's message.
         let message = match class {
+            // The model's fault, not the server's internals: say what happened.
+            _ if matches!(self, WorkerError::MalformedToolCall) => self.to_string(),
             ErrorClass::Internal => "The server had an error while processing your request.".to_owned(),
             ErrorClass::ShardUnavailable | ErrorClass::Unavailable => {
                 "The model backend is unavailable. Retry the request.".to_owned()

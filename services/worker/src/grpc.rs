@@ -5,18 +5,19 @@ use std::sync::Arc;
 
 use tether_proto::worker::v1::worker_server::Worker;
 use tether_proto::worker::v1::{
-    FetchStateRequest, FetchStateResponse, ListModelsRequest, ListModelsResponse, ReleaseConnectionRequest,
-    ReleaseConnectionResponse, ReplicateRequest, ReplicateResponse, ResponseBody, ResponseRef, StatusRequest,
-    StatusResponse, TurnEvent, TurnRequest, response_body,
+    FetchStateRequest, FetchStateResponse, ListInputItemsRequest, ListModelsRequest, ListModelsResponse,
+    ReleaseConnectionRequest, ReleaseConnectionResponse, ReplicateRequest, ReplicateResponse, ResponseBody,
+    ResponseRef, StatusRequest, StatusResponse, TurnEvent, TurnRequest, response_body,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::api::item_list::{self, Page};
 use crate::context::WorkerContext;
 use crate::error::WorkerError;
-use crate::pipeline::run_turn;
+use crate::pipeline::{count_input_tokens, run_turn};
 use crate::replication;
 use crate::session::convert::to_proto;
 
@@ -47,8 +48,30 @@ impl WorkerService {
     }
 }
 
+fn error_body(error: &WorkerError) -> ResponseBody {
+    ResponseBody { kind: Some(response_body::Kind::Error(error.api_error())) }
+}
+
+/// The cancel's answer for a response that already ended: the object itself once it was
+/// cancelled (a repeated cancel), otherwise the error naming its status.
+fn cancel_reply(response: &serde_json::Value) -> ResponseBody {
+    match response.get("status").and_then(serde_json::Value::as_str) {
+        Some("cancelled") => ResponseBody { kind: Some(response_body::Kind::Json(response.to_string().into_bytes())) },
+        status => error_body(&WorkerError::NotCancellable { status: status.unwrap_or("unknown").to_owned() }),
+    }
+}
+
 fn not_found(id: &str) -> ResponseBody {
     ResponseBody { kind: Some(response_body::Kind::Error(WorkerError::ResponseNotFound(id.to_owned()).api_error())) }
+}
+
+/// A JSON reply, or the error in the protocol's shape.
+fn reply(result: Result<serde_json::Value, WorkerError>) -> ResponseBody {
+    let kind = match result {
+        Ok(json) => response_body::Kind::Json(json.to_string().into_bytes()),
+        Err(error) => response_body::Kind::Error(error.api_error()),
+    };
+    ResponseBody { kind: Some(kind) }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<TurnEvent, Status>> + Send>>;
@@ -134,6 +157,52 @@ impl Worker for WorkerService {
             .filter(|state| state.store)
             .map(|state| to_proto(&state, false));
         Ok(Response::new(FetchStateResponse { state }))
+    }
+
+    async fn cancel_response(&self, request: Request<ResponseRef>) -> Result<Response<ResponseBody>, Status> {
+        let reference = request.into_inner();
+        let (tenant, id) = (&reference.tenant, &reference.response_id);
+        let body = match self.ctx.in_flight.cancel(tenant, id).await {
+            Some(Some(response)) => cancel_reply(&response),
+            // The turn ended without a Response (its client went away first): nothing remains.
+            Some(None) => not_found(id),
+            None => match self.stored(&reference).await {
+                Some(state) => match serde_json::from_slice::<serde_json::Value>(&state.response_json) {
+                    Ok(response) => cancel_reply(&response),
+                    Err(_) => not_found(id),
+                },
+                None => not_found(id),
+            },
+        };
+        Ok(Response::new(body))
+    }
+
+    async fn list_input_items(
+        &self,
+        request: Request<ListInputItemsRequest>,
+    ) -> Result<Response<ResponseBody>, Status> {
+        let request = request.into_inner();
+        let reference = request.response.unwrap_or_default();
+        let page = Page {
+            limit: request.limit.clamp(1, 100) as usize,
+            ascending: request.ascending,
+            after: (!request.after.is_empty()).then_some(request.after),
+        };
+        let body = match self.stored(&reference).await {
+            Some(state) => reply(item_list::list(&state, &page)),
+            None => not_found(&reference.response_id),
+        };
+        Ok(Response::new(body))
+    }
+
+    async fn count_input_tokens(&self, request: Request<TurnRequest>) -> Result<Response<ResponseBody>, Status> {
+        // A worker that takes no turns counts none either: the edge asks the next owner.
+        if !self.ctx.serving.is_ready() {
+            return Err(WorkerError::NotServing.into());
+        }
+        let count = count_input_tokens(&self.ctx, &request.into_inner()).await;
+        let json = count.map(|tokens| serde_json::json!({"object": "response.input_tokens", "input_tokens": tokens}));
+        Ok(Response::new(reply(json)))
     }
 
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

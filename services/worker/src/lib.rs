@@ -7,6 +7,7 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod grpc;
+pub mod in_flight;
 pub mod metrics;
 pub mod peers;
 pub mod pipeline;

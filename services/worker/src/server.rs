@@ -60,6 +60,7 @@ pub async fn serve_with(
         peers: Peers::start(discovery.as_ref(), &id, config.tls.clone(), stop.clone()),
         replication: config.replication,
         prefill_budget: PrefillBudget::new(config.prefill_limit),
+        in_flight: Default::default(),
         stats: Default::default(),
     });
     let service = WorkerServer::new(WorkerService::new(ctx.clone()))

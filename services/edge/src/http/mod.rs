@@ -1,6 +1,8 @@
 //! The HTTP surface of the Responses API.
 
 pub mod cluster;
+pub mod input_items;
+pub mod input_tokens;
 pub mod models;
 pub mod replay;
 pub mod responses;

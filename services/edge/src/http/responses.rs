@@ -1,5 +1,5 @@
 //! `POST /v1/responses` (JSON or SSE), `GET /v1/responses/{id}` (JSON, or a replay as SSE with
-//! `?stream=true`) and `DELETE`.
+//! `?stream=true`), `DELETE`, and `POST /v1/responses/{id}/cancel` (a turn in flight).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,7 +53,7 @@ pub async fn create(State(state): State<EdgeState>, request: Request) -> Respons
 
 /// Reads the whole body within `--body-read-timeout` (a body that never ends gets 408) and
 /// under `--max-message-bytes` (413).
-async fn read_body(state: &EdgeState, request: Request) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(state: &EdgeState, request: Request) -> Result<Bytes, ApiError> {
     let limit = state.config.max_message_bytes;
     let read = <Result<Bytes, BytesRejection> as FromRequest<()>>::from_request(request, &());
     match tokio::time::timeout(state.config.body_read_timeout, read).await {
@@ -267,6 +267,8 @@ enum Lookup {
     /// `GET ?stream=true`: the stored Response replayed as SSE events.
     Replay,
     Delete,
+    /// `POST /v1/responses/{id}/cancel`: stops the turn in flight.
+    Cancel,
 }
 
 async fn lookup(state: &EdgeState, headers: &HeaderMap, id: &str, kind: Lookup) -> Response {
@@ -287,6 +289,7 @@ async fn lookup(state: &EdgeState, headers: &HeaderMap, id: &str, kind: Lookup) 
     let reply = match kind {
         Lookup::Get | Lookup::Replay => client.get_response(reference).await,
         Lookup::Delete => client.delete_response(reference).await,
+        Lookup::Cancel => client.cancel_response(reference).await,
     };
     let response = match reply.map(|r| r.into_inner().kind) {
         Ok(Some(response_body::Kind::Json(json))) if kind == Lookup::Replay => {
@@ -334,6 +337,11 @@ fn wants_stream(query: Option<&str>) -> bool {
 
 pub async fn delete(State(state): State<EdgeState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     lookup(&state, &headers, &id, Lookup::Delete).await
+}
+
+/// Routed like a lookup: the turn runs on the owner of its id's session key.
+pub async fn cancel(State(state): State<EdgeState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    lookup(&state, &headers, &id, Lookup::Cancel).await
 }
 
 #[cfg(test)]

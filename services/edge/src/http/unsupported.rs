@@ -26,15 +26,6 @@ pub async fn compact() -> Response {
     )
 }
 
-/// `POST /v1/responses/input_tokens`: counting needs the worker's tokenizer and renderer,
-/// which no internal RPC exposes yet.
-pub async fn input_tokens() -> Response {
-    not_implemented(
-        "POST /v1/responses/input_tokens is not supported by this server yet. A response's usage.input_tokens \
-         reports the tokenizer's count of its input.",
-    )
-}
-
 /// Every path no route matches.
 pub async fn not_found(method: Method, uri: Uri) -> Response {
     let message = format!("Unknown path: {method} {}.", uri.path());

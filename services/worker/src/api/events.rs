@@ -1,8 +1,9 @@
 //! Serializing Responses API events once, on the worker, and sending them to the edge.
 //!
 //! Every event gets the response's next `sequence_number` and, on a named lane, its
-//! `stream_id`. Text deltas are coalesced when the edge (the client) reads slower than the
-//! model writes: a delta waits while the outgoing queue is full and later text joins it.
+//! `stream_id`. Text and function-call argument deltas are coalesced when the edge (the
+//! client) reads slower than the model writes: a delta waits while the outgoing queue is full
+//! and later text of the same item joins it.
 
 use serde_json::{Map, Value};
 use tether_proto::worker::v1::{Event, FinalResponse, TurnEvent, turn_event};
@@ -15,7 +16,16 @@ pub type TurnSink = mpsc::Sender<Result<TurnEvent, Status>>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Closed;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeltaKind {
+    /// `response.output_text.delta`.
+    Text,
+    /// `response.function_call_arguments.delta`.
+    Arguments,
+}
+
 struct PendingDelta {
+    kind: DeltaKind,
     item_id: String,
     output_index: u32,
     text: String,
@@ -84,14 +94,23 @@ impl Emitter {
 
     /// Queues a text delta, sending it at once unless the outgoing queue is full.
     pub async fn text_delta(&mut self, item_id: &str, output_index: u32, delta: &str) -> Result<(), Closed> {
+        self.delta(DeltaKind::Text, item_id, output_index, delta).await
+    }
+
+    /// Queues a function call's arguments delta, as [`Self::text_delta`].
+    pub async fn arguments_delta(&mut self, item_id: &str, output_index: u32, delta: &str) -> Result<(), Closed> {
+        self.delta(DeltaKind::Arguments, item_id, output_index, delta).await
+    }
+
+    async fn delta(&mut self, kind: DeltaKind, item_id: &str, output_index: u32, delta: &str) -> Result<(), Closed> {
         if self.final_only || delta.is_empty() {
             return Ok(());
         }
         match &mut self.pending {
-            Some(pending) if pending.item_id == item_id => pending.text.push_str(delta),
+            Some(pending) if pending.kind == kind && pending.item_id == item_id => pending.text.push_str(delta),
             _ => {
                 self.flush().await?;
-                self.pending = Some(PendingDelta { item_id: item_id.into(), output_index, text: delta.into() });
+                self.pending = Some(PendingDelta { kind, item_id: item_id.into(), output_index, text: delta.into() });
             }
         }
         if self.sink.capacity() > 0 {
@@ -103,16 +122,60 @@ impl Emitter {
     /// Sends the pending delta, if any.
     pub async fn flush(&mut self) -> Result<(), Closed> {
         let Some(pending) = self.pending.take() else { return Ok(()) };
-        let fields = serde_json::json!({
-            "item_id": pending.item_id,
-            "output_index": pending.output_index,
-            "content_index": 0,
-            "delta": pending.text,
-            "logprobs": [],
-        });
+        let (event_type, fields) = match pending.kind {
+            DeltaKind::Text => (
+                "response.output_text.delta",
+                serde_json::json!({
+                    "item_id": pending.item_id,
+                    "output_index": pending.output_index,
+                    "content_index": 0,
+                    "delta": pending.text,
+                    "logprobs": [],
+                }),
+            ),
+            DeltaKind::Arguments => (
+                "response.function_call_arguments.delta",
+                serde_json::json!({
+                    "item_id": pending.item_id,
+                    "output_index": pending.output_index,
+                    "delta": pending.text,
+                }),
+            ),
+        };
         let Value::Object(fields) = fields else { unreachable!() };
-        let json = self.serialize("response.output_text.delta", fields);
-        let event = Event { event_type: "response.output_text.delta".into(), json, terminal: false };
+        let json = self.serialize(event_type, fields);
+        let event = Event { event_type: event_type.into(), json, terminal: false };
         self.send(turn_event::Kind::Event(event)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+    use tether_proto::worker::v1::turn_event::Kind;
+    use tokio::sync::mpsc;
+
+    use super::Emitter;
+
+    #[tokio::test]
+    async fn argument_deltas_coalesce_while_the_queue_is_full() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut emitter = Emitter::new(tx, None, false);
+        emitter.emit("response.output_item.added", json!({"output_index": 0})).await.unwrap();
+        for piece in ["{\"a\"", ":1", "}"] {
+            emitter.arguments_delta("fc_1", 0, piece).await.unwrap();
+        }
+        let received = |event: Option<Result<tether_proto::worker::v1::TurnEvent, _>>| -> Value {
+            let Some(Kind::Event(event)) = event.unwrap().unwrap().kind else { panic!("an event") };
+            serde_json::from_slice(&event.json).unwrap()
+        };
+        assert_eq!(received(rx.recv().await)["type"], "response.output_item.added");
+        emitter.flush().await.unwrap();
+        let delta = received(rx.recv().await);
+        assert_eq!(
+            delta,
+            json!({"type": "response.function_call_arguments.delta", "sequence_number": 1,
+                   "item_id": "fc_1", "output_index": 0, "delta": "{\"a\":1}"})
+        );
     }
 }

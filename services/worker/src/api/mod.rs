@@ -2,6 +2,7 @@
 //! the Response object and the serialized events.
 
 pub mod events;
+pub mod item_list;
 pub mod items;
 pub mod request;
 pub mod response;

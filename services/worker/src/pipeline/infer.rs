@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use tether_proto::shard::v1::generate_chunk::Kind;
 use tether_proto::shard::v1::{Finished, GenerateRequest, Sampling, ToolChoice, ToolSpec};
 use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
 
 use super::prepare::Prepared;
 use crate::api::events::{Closed, Emitter};
@@ -27,6 +28,11 @@ pub enum Generation {
     },
     /// The client went away.
     Closed,
+    /// The response was cancelled: the shard stream was dropped (so the shard stops decoding
+    /// and keeps nothing of the turn) after `completion`.
+    Cancelled {
+        completion: Vec<u32>,
+    },
 }
 
 pub fn generate_request(prepared: &Prepared, prefill_only: bool) -> GenerateRequest {
@@ -72,13 +78,15 @@ pub fn generate_request(prepared: &Prepared, prefill_only: bool) -> GenerateRequ
 }
 
 /// Runs the generation, streaming output events through `builder`. Errors after the first
-/// output event are final (the caller ends the response with `response.failed`).
+/// output event are final (the caller ends the response with `response.failed`). A fired
+/// `cancel` ends it at once with what was generated so far.
 pub async fn generate(
     ctx: &WorkerContext,
     prepared: &Prepared,
     prefill_only: bool,
     emitter: &mut Emitter,
     builder: &mut OutputBuilder,
+    cancel: &CancellationToken,
 ) -> Result<Generation, WorkerError> {
     let candidates = ctx.shards.candidates(prepared.session.0);
     if candidates.is_empty() {
@@ -111,7 +119,13 @@ pub async fn generate(
             };
             let mut completion = Vec::new();
             let mut produced = false;
-            while let Some(chunk) = stream.next().await {
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return Ok(Generation::Cancelled { completion }),
+                    next = stream.next() => next,
+                };
+                let Some(chunk) = next else { break };
                 let chunk = match chunk {
                     Ok(chunk) => chunk,
                     Err(status) => {

@@ -4,6 +4,7 @@
 pub mod infer;
 pub mod output;
 pub mod prepare;
+pub mod tool_stream;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,6 +24,7 @@ use crate::api::response::{ResponseTemplate, now_unix, usage};
 use crate::config::ReplicationMode;
 use crate::context::WorkerContext;
 use crate::error::WorkerError;
+use crate::in_flight::Registration;
 use crate::metrics as m;
 use crate::replication;
 use crate::session::{ResponseState, Segments};
@@ -37,7 +39,7 @@ pub async fn run_turn(ctx: Arc<WorkerContext>, turn: TurnRequest, sink: TurnSink
     let started = Instant::now();
     let final_only = turn.delivery == Delivery::Final as i32;
     let stream_id = (!turn.stream_id.is_empty()).then(|| turn.stream_id.clone());
-    let prepared = prepare_turn(&ctx, &turn).await;
+    let prepared = prepare_turn(&ctx, &turn, prepare::prepare).await;
     let prepared = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
@@ -52,15 +54,32 @@ pub async fn run_turn(ctx: Arc<WorkerContext>, turn: TurnRequest, sink: TurnSink
         Outcome::Completed => "completed",
         Outcome::Incomplete => "incomplete",
         Outcome::Failed => "failed",
+        Outcome::Cancelled => "cancelled",
         Outcome::Closed => "closed",
     };
     metrics::counter!(m::TURNS, "outcome" => label).increment(1);
     metrics::histogram!(m::TURN_SECONDS).record(started.elapsed().as_secs_f64());
 }
 
+/// Counts the input tokens of a create body (`POST /v1/responses/input_tokens`): the prompt
+/// the turn would send (the chain's tokens and the newly rendered ones), which is what its
+/// `usage.input_tokens` reports. Errors are the ones the create would get.
+pub async fn count_input_tokens(ctx: &Arc<WorkerContext>, turn: &TurnRequest) -> Result<u32, WorkerError> {
+    let prepared = prepare_turn(ctx, turn, prepare::plan).await?;
+    Ok(prepared_prompt_len(&prepared))
+}
+
+/// How the rest of a turn's preparation runs: [`prepare::prepare`] for a turn,
+/// [`prepare::plan`] for a count.
+type PrepareStep = fn(&WorkerContext, &TurnRequest, CreateRequest) -> Result<Prepared, WorkerError>;
+
 /// Parses the request, pulls a parent that moved here from its previous owner, then runs the
-/// rest of the preparation (on the blocking pool for large bodies).
-async fn prepare_turn(ctx: &Arc<WorkerContext>, turn: &TurnRequest) -> Result<Prepared, WorkerError> {
+/// rest of the preparation, `step` (on the blocking pool for large bodies).
+async fn prepare_turn(
+    ctx: &Arc<WorkerContext>,
+    turn: &TurnRequest,
+    step: PrepareStep,
+) -> Result<Prepared, WorkerError> {
     let large = turn.body.len() > INLINE_PREPARE_BYTES;
     let request = if large {
         let (body, model) = (turn.body.clone(), ctx.default_model.clone());
@@ -76,11 +95,9 @@ async fn prepare_turn(ctx: &Arc<WorkerContext>, turn: &TurnRequest) -> Result<Pr
     }
     if large {
         let (ctx, turn) = (ctx.clone(), turn.clone());
-        tokio::task::spawn_blocking(move || prepare::prepare(&ctx, &turn, request))
-            .await
-            .expect("prepare does not panic")
+        tokio::task::spawn_blocking(move || step(&ctx, &turn, request)).await.expect("prepare does not panic")
     } else {
-        prepare::prepare(ctx, turn, request)
+        step(ctx, turn, request)
     }
 }
 
@@ -88,11 +105,14 @@ enum Outcome {
     Completed,
     Incomplete,
     Failed,
+    Cancelled,
     Closed,
 }
 
 async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepared, emitter: &mut Emitter) -> Outcome {
     let id = ResponseId::new(prepared.session);
+    // In flight from here until this function returns (the guard leaves on every path).
+    let registration = ctx.in_flight.register(&turn.tenant, id.as_str());
     let parent_id = prepared.parent.as_ref().map(|parent| parent.id.clone());
     let template = ResponseTemplate::new(id.as_str(), now_unix(), &prepared.request, parent_id.as_deref());
     let in_progress = template.snapshot("in_progress", |_| {});
@@ -104,30 +124,45 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
 
     let mut builder = OutputBuilder::new();
     let prefill_only = !prepared.request.generate;
-    let generation = infer::generate(ctx, &prepared, prefill_only, emitter, &mut builder).await;
-    let (finished, completion, shard) = match generation {
-        Ok(Generation::Finished { finished, completion, shard }) => (finished, completion, shard),
+    let cancel = registration.cancelled();
+    let generation = infer::generate(ctx, &prepared, prefill_only, emitter, &mut builder, cancel).await;
+    let (finished, completion, shard, cancelled) = match generation {
+        Ok(Generation::Finished { finished, completion, shard }) => (finished, completion, shard, false),
+        // Stored and continued like an incomplete response: the shard kept nothing of the
+        // turn, so the next turn's claimed prefix misses once and the full prompt is resent.
+        Ok(Generation::Cancelled { completion }) => (Default::default(), completion, String::new(), true),
         Ok(Generation::Closed) => return Outcome::Closed,
         Err(error) if prefill_only => {
             // A warmup that could not prefill still prepared the state: the next turn
             // resends the full prompt to whichever shard serves it.
             tracing::debug!(%error, "warmup prefill failed");
-            (Default::default(), Vec::new(), String::new())
+            (Default::default(), Vec::new(), String::new(), false)
         }
-        Err(error) => return fail(emitter, &template, &mut builder, &error).await,
+        Err(error) => return fail(emitter, &template, &mut builder, &error, &registration).await,
     };
 
     let incomplete = finished.reason == FinishReason::Length as i32;
-    let status = if incomplete { "incomplete" } else { "completed" };
-    if builder.finish(emitter, status).await.is_err() {
+    let status = match (cancelled, incomplete) {
+        (true, _) => "cancelled",
+        (false, true) => "incomplete",
+        (false, false) => "completed",
+    };
+    let items_status = if status == "completed" { "completed" } else { "incomplete" };
+    if builder.finish(emitter, items_status).await.is_err() {
         return Outcome::Closed;
+    }
+    if builder.malformed_call() {
+        // The model opened a call it did not write out: the turn produced no usable answer.
+        return fail(emitter, &template, &mut builder, &WorkerError::MalformedToolCall, &registration).await;
     }
     let shard_usage = finished.usage.unwrap_or_default();
     let timings = finished.timings.unwrap_or_default();
     let prompt_tokens =
         if shard_usage.prompt_tokens > 0 { shard_usage.prompt_tokens } else { prepared_prompt_len(&prepared) };
     let response = template.snapshot(status, |object| {
-        object.insert("completed_at".into(), json!(now_unix()));
+        if !cancelled {
+            object.insert("completed_at".into(), json!(now_unix()));
+        }
         object.insert("output".into(), Value::Array(builder.output.clone()));
         object.insert("usage".into(), usage(prompt_tokens, shard_usage.cached_tokens, completion.len() as u32));
         if incomplete {
@@ -155,14 +190,19 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
             ReplicationMode::Off => {}
         }
     }
-    if emitter
-        .terminal(if incomplete { "response.incomplete" } else { "response.completed" }, response, 200)
-        .await
-        .is_err()
-    {
+    registration.finish(&response);
+    // A cancelled response ends with `response.incomplete` (the SDK's stream helpers and
+    // `connect()` accumulator know three terminal events; none is named for cancelling), its
+    // `response.status` saying "cancelled".
+    let terminal = if status == "completed" { "response.completed" } else { "response.incomplete" };
+    if emitter.terminal(terminal, response, 200).await.is_err() {
         return Outcome::Closed;
     }
-    if incomplete { Outcome::Incomplete } else { Outcome::Completed }
+    match status {
+        "cancelled" => Outcome::Cancelled,
+        "incomplete" => Outcome::Incomplete,
+        _ => Outcome::Completed,
+    }
 }
 
 fn prepared_prompt_len(prepared: &Prepared) -> u32 {
@@ -175,6 +215,7 @@ async fn fail(
     template: &ResponseTemplate,
     builder: &mut OutputBuilder,
     error: &WorkerError,
+    registration: &Registration,
 ) -> Outcome {
     tracing::warn!(%error, class = error.class().as_label(), "turn failed");
     if builder.finish(emitter, "incomplete").await.is_err() {
@@ -186,6 +227,7 @@ async fn fail(
         object.insert("error".into(), json!({"code": "server_error", "message": api.message}));
     });
     let status = if api.status >= 500 { api.status } else { 500 };
+    registration.finish(&response);
     let _ = emitter.terminal("response.failed", response, status).await;
     Outcome::Failed
 }

@@ -1,5 +1,6 @@
-//! Steps 1–4 of the per-turn pipeline: resolve the parent, validate the new request against
-//! it, safety-check only the new input, and render only the new items.
+//! Steps 1–6 of the per-turn pipeline: resolve the parent, validate the new request against
+//! it, safety-check only the new input, render only the new items, fit the context window and
+//! charge the tenant's prefill budget.
 
 use std::sync::Arc;
 
@@ -53,9 +54,18 @@ impl Prepared {
     }
 }
 
+/// Prepares a turn to run: [`plan`], then the charge to the tenant's prefill budget (step 6).
 pub fn prepare(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) -> Result<Prepared, WorkerError> {
     let started = std::time::Instant::now();
+    let prepared = plan(ctx, turn, request)?;
+    charge(ctx, &turn.tenant, &prepared)?;
+    metrics::histogram!(m::PREPARE_SECONDS).record(started.elapsed().as_secs_f64());
+    Ok(prepared)
+}
 
+/// Steps 1–5: the prompt a turn would send, validated exactly as a turn validates it, without
+/// charging anything (`POST /v1/responses/input_tokens` counts it).
+pub fn plan(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) -> Result<Prepared, WorkerError> {
     // 1. Resolve state: O(1) in the session cache. A foreign tenant's id, an evicted one
     // and a store=false one from another connection all look exactly like unknown ids.
     let parent = match &request.previous_response_id {
@@ -173,18 +183,6 @@ pub fn prepare(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) 
             full = true;
         }
     }
-    // 6. The tenant's prefill budget: what this turn makes the shard prefill.
-    let uncached = new_tokens.len() as u32;
-    if let Err(wait) = ctx.prefill_budget.charge(&turn.tenant, uncached, std::time::Instant::now()) {
-        metrics::counter!(m::PREFILL_BUDGET_REFUSED).increment(1);
-        return Err(WorkerError::RateLimited(format!(
-            "Rate limit reached for prompt tokens: this tenant's prefill budget is spent. Try again in {} ms.",
-            wait.as_millis().max(1)
-        )));
-    }
-    metrics::counter!(m::RENDERED_TOKENS, "path" => if full { "full" } else { "incremental" })
-        .increment(new_tokens.len() as u64);
-
     let new_outputs =
         request.input.iter().filter(|item| matches!(item, Item::FunctionCallOutput { .. })).count() as u32;
     let tool_outputs_seen = match (&parent, full) {
@@ -192,6 +190,20 @@ pub fn prepare(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) 
         (None, _) => new_outputs,
     };
     let session = parent.as_ref().map_or(SessionKey(turn.session), |parent| parent.session);
-    metrics::histogram!(m::PREPARE_SECONDS).record(started.elapsed().as_secs_f64());
     Ok(Prepared { request, parent, session, header_key, new_tokens, full, open_assistant, tool_outputs_seen, verdict })
+}
+
+/// 6. The tenant's prefill budget: what this turn makes the shard prefill.
+fn charge(ctx: &WorkerContext, tenant: &str, prepared: &Prepared) -> Result<(), WorkerError> {
+    let uncached = prepared.new_tokens.len() as u32;
+    if let Err(wait) = ctx.prefill_budget.charge(tenant, uncached, std::time::Instant::now()) {
+        metrics::counter!(m::PREFILL_BUDGET_REFUSED).increment(1);
+        return Err(WorkerError::RateLimited(format!(
+            "Rate limit reached for prompt tokens: this tenant's prefill budget is spent. Try again in {} ms.",
+            wait.as_millis().max(1)
+        )));
+    }
+    metrics::counter!(m::RENDERED_TOKENS, "path" => if prepared.full { "full" } else { "incremental" })
+        .increment(prepared.new_tokens.len() as u64);
+    Ok(())
 }
