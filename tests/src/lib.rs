@@ -3,6 +3,7 @@
 //! a node's runtime (sockets close abruptly, nothing deregisters): a real crash.
 
 pub mod agents;
+pub mod browser;
 pub mod client;
 pub mod cluster;
 pub mod etcd;

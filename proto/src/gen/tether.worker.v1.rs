@@ -270,6 +270,43 @@ pub struct ListInputItemsRequest {
     pub after: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StatusRequest {}
+/// A worker's state for operators: cheap counters, read on request.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StatusResponse {
+    #[prost(string, tag = "1")]
+    pub worker_id: ::prost::alloc::string::String,
+    /// Takes turns (registered, not draining, not fenced).
+    #[prost(bool, tag = "2")]
+    pub serving: bool,
+    /// Shutting down: refusing turns and handing its sessions over.
+    #[prost(bool, tag = "3")]
+    pub draining: bool,
+    /// Session states held (responses, store=true and connection-scoped).
+    #[prost(uint64, tag = "4")]
+    pub cache_entries: u64,
+    #[prost(uint64, tag = "5")]
+    pub cache_bytes: u64,
+    /// Turns running now.
+    #[prost(uint32, tag = "6")]
+    pub in_flight_turns: u32,
+    /// Since start: turns begun, chains pulled from a previous owner, states handed off while
+    /// draining, replica batches received.
+    #[prost(uint64, tag = "7")]
+    pub turns: u64,
+    #[prost(uint64, tag = "8")]
+    pub pulls: u64,
+    #[prost(uint64, tag = "9")]
+    pub handed_off: u64,
+    #[prost(uint64, tag = "10")]
+    pub replica_batches: u64,
+    /// Times the worker lost its lease and stopped taking turns.
+    #[prost(uint64, tag = "11")]
+    pub fenced: u64,
+}
+#[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Transport {
@@ -655,6 +692,28 @@ pub mod worker_client {
                 .insert(GrpcMethod::new("tether.worker.v1.Worker", "CountInputTokens"));
             self.inner.unary(req, path, codec).await
         }
+        /// The operator view: what the worker holds and does (the edge's /v1/cluster/status).
+        pub async fn status(
+            &mut self,
+            request: impl tonic::IntoRequest<super::StatusRequest>,
+        ) -> std::result::Result<tonic::Response<super::StatusResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tether.worker.v1.Worker/Status",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tether.worker.v1.Worker", "Status"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -742,6 +801,11 @@ pub mod worker_server {
             &self,
             request: tonic::Request<super::TurnRequest>,
         ) -> std::result::Result<tonic::Response<super::ResponseBody>, tonic::Status>;
+        /// The operator view: what the worker holds and does (the edge's /v1/cluster/status).
+        async fn status(
+            &self,
+            request: tonic::Request<super::StatusRequest>,
+        ) -> std::result::Result<tonic::Response<super::StatusResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct WorkerServer<T> {
@@ -1241,6 +1305,49 @@ pub mod worker_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CountInputTokensSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tether.worker.v1.Worker/Status" => {
+                    #[allow(non_camel_case_types)]
+                    struct StatusSvc<T: Worker>(pub Arc<T>);
+                    impl<T: Worker> tonic::server::UnaryService<super::StatusRequest>
+                    for StatusSvc<T> {
+                        type Response = super::StatusResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::StatusRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Worker>::status(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = StatusSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

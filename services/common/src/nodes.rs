@@ -198,6 +198,23 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
             .collect()
     }
 
+    /// Returns the owner of `key` among all members, ejected ones included (its home).
+    pub fn home(&self, key: u64) -> Option<Arc<str>> {
+        self.view.read().members.owner(key).map(Arc::from)
+    }
+
+    /// Every member with its client and whether it is live (not ejected), by id.
+    pub fn all(&self) -> Vec<(Arc<str>, C, bool)> {
+        let view = self.view.read();
+        let mut all: Vec<(Arc<str>, C, bool)> = view
+            .nodes
+            .iter()
+            .map(|(id, (_, client))| (Arc::from(id.as_str()), client.clone(), !view.ejected.contains(id)))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     pub fn get(&self, id: &str) -> Option<C> {
         self.view.read().nodes.get(id).map(|(_, client)| client.clone())
     }
@@ -284,6 +301,24 @@ mod tests {
         // The live part is bounded; the ejected members are always asked.
         let one: Vec<String> = set.holders(key, 1, asker).into_iter().map(|(id, ())| id.to_string()).collect();
         assert_eq!(one, [walk[2].clone(), owner.to_owned()]);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_ejected_node_stays_the_home_of_its_keys() {
+        let discovery = FixedDiscovery::new(["a", "b", "c"].into_iter().map(member).collect(), Vec::new());
+        let connect: Connect<()> = Arc::new(|_: &Member| Some(()));
+        let never: Probe<()> = Arc::new(|()| Box::pin(async { false }));
+        let stop = CancellationToken::new();
+        let set = NodeSet::start(&discovery, NodeKind::Worker, connect, never, Duration::from_secs(3600), stop.clone());
+        let key = 7;
+        let (owner, ()) = set.owner(key).unwrap();
+        set.eject(&owner);
+        assert_eq!(set.home(key), Some(owner.clone()), "the home is the owner among all members");
+        assert_ne!(set.owner(key).map(|(id, ())| id), Some(owner.clone()), "turns go elsewhere");
+        let all: Vec<(String, bool)> = set.all().into_iter().map(|(id, (), live)| (id.to_string(), live)).collect();
+        assert_eq!(all.len(), 3);
+        assert!(all.iter().all(|(id, live)| *live == (**id != *owner)), "{all:?}");
         stop.cancel();
     }
 }

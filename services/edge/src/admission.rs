@@ -22,6 +22,7 @@ use crate::auth::OPEN_TENANT;
 use crate::config::{AuthMode, EdgeConfig, TenantLimitKind};
 use crate::error::rate_limited;
 use crate::metrics as m;
+use crate::stats::EdgeStats;
 
 /// Which limit refused a request (the `limit` label of the refusal counter).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +125,8 @@ pub struct Admission {
     tenants: HashMap<Arc<str>, Arc<Tenant>>,
     /// For a tenant not in the table (cannot happen: auth only yields configured tenants).
     fallback: Arc<Tenant>,
+    /// Every admitted turn's outcome and time to first event, for the operator view.
+    stats: Arc<EdgeStats>,
 }
 
 /// A tenant's share of an edge-wide limit by default: the limit divided by the number of
@@ -180,7 +183,13 @@ impl Admission {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             tenants,
             fallback: Arc::new(Tenant::new("unknown", fallback)),
+            stats: Arc::default(),
         }
+    }
+
+    /// The turn statistics of the operator view.
+    pub fn stats(&self) -> &Arc<EdgeStats> {
+        &self.stats
     }
 
     fn tenant(&self, name: &str) -> &Arc<Tenant> {
@@ -224,6 +233,7 @@ impl Admission {
             started: Instant::now(),
             first_event_seen: false,
             outcome: Outcome::Cancelled,
+            stats: self.stats.clone(),
             _tenant_permit: tenant_permit,
             _edge_permit: edge_permit,
         })
@@ -257,6 +267,7 @@ pub struct TurnGuard {
     started: Instant,
     first_event_seen: bool,
     outcome: Outcome,
+    stats: Arc<EdgeStats>,
     _tenant_permit: OwnedSemaphorePermit,
     _edge_permit: OwnedSemaphorePermit,
 }
@@ -267,6 +278,7 @@ impl TurnGuard {
         if !self.first_event_seen {
             self.first_event_seen = true;
             metrics::histogram!(m::FIRST_EVENT_SECONDS).record(self.started.elapsed().as_secs_f64());
+            self.stats.first_event(self.started.elapsed());
         }
     }
 
@@ -282,6 +294,7 @@ impl Drop for TurnGuard {
         metrics::gauge!(m::IN_FLIGHT, "tenant" => tenant.clone()).decrement(1.0);
         metrics::counter!(m::REQUESTS, "transport" => self.transport, "tenant" => tenant, "outcome" => self.outcome.as_label())
             .increment(1);
+        self.stats.turn(self.outcome.as_label());
     }
 }
 

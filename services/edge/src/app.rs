@@ -23,6 +23,9 @@ pub fn router(state: EdgeState) -> Router {
         .route("/v1/models", get(http::models::list))
         .route("/v1/models/{id}", get(http::models::retrieve))
         .route("/v1/cluster", get(http::models::cluster))
+        // The operator view: its JSON snapshot and the page that shows it.
+        .route("/v1/cluster/status", get(http::cluster::status))
+        .route("/dashboard", get(http::cluster::dashboard))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
         .merge(ops::router(readiness))

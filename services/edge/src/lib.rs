@@ -14,6 +14,8 @@ pub mod metrics;
 pub mod relay;
 mod server;
 pub mod state;
+pub mod stats;
+pub mod status;
 pub mod workers;
 pub mod ws;
 

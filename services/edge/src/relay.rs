@@ -3,6 +3,8 @@
 //! exactly one terminal event: a `response.failed` built from the `response.created`
 //! snapshot the edge kept, never a truncated stream or a false `completed`.
 
+use std::sync::Arc;
+
 use serde_json::{Value, json};
 use tether_common::{ErrorClass, SessionKey};
 use tether_proto::worker::v1::{ApiError, TurnEvent, TurnRequest, turn_event};
@@ -11,6 +13,7 @@ use tonic::Streaming;
 use crate::error::unavailable;
 use crate::metrics as m;
 use crate::state::EdgeState;
+use crate::stats::EdgeStats;
 use crate::workers::{ActiveSession, WorkerHandle};
 
 /// How many workers a turn tries before it fails: the owner and, after ejecting it, the
@@ -27,7 +30,10 @@ pub async fn start_routed(state: &EdgeState, key: SessionKey, request: TurnReque
         if attempt > 0 {
             metrics::counter!(m::TURN_RETRIES).increment(1);
         }
-        let mut relay = match start(&worker, request.clone()).await {
+        if attempt > 0 || state.workers.home(key).is_some_and(|home| home != worker.id) {
+            state.admission.stats().moved(&worker.id, attempt > 0);
+        }
+        let mut relay = match start(&worker, request.clone(), state.admission.stats()).await {
             Ok(relay) => relay,
             Err((error, retryable)) => {
                 last = error;
@@ -77,10 +83,11 @@ pub struct Relay {
     worker: std::sync::Arc<str>,
     /// The stream broke before any event in a way another worker can retry.
     retryable_failure: bool,
+    stats: Arc<EdgeStats>,
 }
 
 /// Starts a turn on `worker`; a failure says whether another worker may take the turn.
-async fn start(worker: &WorkerHandle, request: TurnRequest) -> Result<Relay, (ApiError, bool)> {
+async fn start(worker: &WorkerHandle, request: TurnRequest, stats: &Arc<EdgeStats>) -> Result<Relay, (ApiError, bool)> {
     let stream_id = (!request.stream_id.is_empty()).then(|| request.stream_id.clone());
     match worker.client.clone().turn(request).await {
         Ok(response) => Ok(Relay {
@@ -92,11 +99,13 @@ async fn start(worker: &WorkerHandle, request: TurnRequest) -> Result<Relay, (Ap
             stream_id,
             worker: worker.id.clone(),
             retryable_failure: false,
+            stats: stats.clone(),
         }),
         Err(status) => {
             let class = ErrorClass::from_status(&status);
             tracing::warn!(worker = %worker.id, code = ?status.code(), "worker turn call failed");
             metrics::counter!(m::WORKER_ERRORS, "class" => class.as_label()).increment(1);
+            stats.worker_error(class.as_label());
             Err((unavailable(class), class.is_retryable()))
         }
     }
@@ -121,6 +130,7 @@ impl Relay {
                 let class = ErrorClass::from_status(&status);
                 tracing::warn!(worker = %self.worker, code = ?status.code(), sent = self.sent, "worker stream broke");
                 metrics::counter!(m::WORKER_ERRORS, "class" => class.as_label()).increment(1);
+                self.stats.worker_error(class.as_label());
                 self.broken(class)
             }
         }

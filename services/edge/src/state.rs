@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::Admission;
 use crate::auth::Auth;
 use crate::config::EdgeConfig;
+use crate::status::ClusterView;
 use crate::workers::WorkerPool;
 
 pub struct EdgeInner {
@@ -28,6 +29,8 @@ pub struct EdgeInner {
     /// Cancelled when the edge drains: WebSockets close at their next idle moment.
     pub draining: CancellationToken,
     pub readiness: Readiness,
+    /// The operator view's memory between requests.
+    pub cluster: ClusterView,
     next_connection: AtomicU64,
 }
 
@@ -54,6 +57,7 @@ impl EdgeState {
             admission: Admission::new(&config),
             draining: CancellationToken::new(),
             readiness,
+            cluster: ClusterView::new(config.tls.clone()),
             workers,
             shards,
             next_connection: AtomicU64::new(rand::rng().random::<u64>() | 1),

@@ -39,7 +39,8 @@ impl WorkerHandle {
         ActiveSession(self.active.clone())
     }
 
-    fn load(&self) -> usize {
+    /// Sessions this edge has live on the worker.
+    pub fn load(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
 }
@@ -79,6 +80,17 @@ impl WorkerPool {
     /// Returns the owner of `key`.
     pub fn owner(&self, key: SessionKey) -> Option<WorkerHandle> {
         self.nodes.owner(key.0).map(|(_, handle)| handle)
+    }
+
+    /// Returns the worker that owns `key` when every member is up (ejected ones included):
+    /// a turn served elsewhere has moved away from its home.
+    pub fn home(&self, key: SessionKey) -> Option<std::sync::Arc<str>> {
+        self.nodes.home(key.0)
+    }
+
+    /// Every member with this edge's handle and whether it is live (not ejected).
+    pub fn handles(&self) -> Vec<(WorkerHandle, bool)> {
+        self.nodes.all().into_iter().map(|(_, handle, live)| (handle, live)).collect()
     }
 
     /// Takes a worker that refused or broke a call out of this edge's ring.

@@ -30,6 +30,8 @@ pub enum Command {
     Dev(crate::dev::DevArgs),
     /// Make a dev CA (or reuse one) and node certificates for mutual TLS between nodes.
     Certs(crate::certs::CertsArgs),
+    /// Print the operator view of a running cluster (what /dashboard shows) as tables.
+    Status(crate::status::StatusArgs),
 }
 
 impl Command {
@@ -39,7 +41,7 @@ impl Command {
             Command::Worker(args) => args.common.log_format,
             Command::Shard(args) => args.common.log_format,
             Command::Dev(args) => args.log_format,
-            Command::Certs(_) => LogFormat::Plain,
+            Command::Certs(_) | Command::Status(_) => LogFormat::Plain,
         }
     }
 }
@@ -136,5 +138,6 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Dev(args) => crate::dev::run(args, shutdown).await,
         Command::Certs(args) => crate::certs::run(&args),
+        Command::Status(args) => crate::status::run(&args, shutdown).await,
     }
 }

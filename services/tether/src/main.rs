@@ -1,9 +1,10 @@
-//! The tether binary: `tether edge|worker|shard|dev|certs`. Parsing, telemetry and one library
+//! The tether binary: `tether edge|worker|shard|dev|certs|status`. Parsing, telemetry and one library
 //! call per subcommand; exit codes 64 (bad usage or config), 70 (shutdown deadline), 1.
 
 mod certs;
 mod cli;
 mod dev;
+mod status;
 
 use std::process::ExitCode;
 

@@ -14,6 +14,7 @@ use crate::peers::Peers;
 use crate::safety::Classifier;
 use crate::session::SessionCache;
 use crate::shard_pool::ShardPool;
+use crate::stats::WorkerStats;
 use crate::tokenizer::Renderers;
 
 /// Everything a turn needs from its worker.
@@ -32,4 +33,6 @@ pub struct WorkerContext {
     pub prefill_budget: PrefillBudget,
     /// The turns in flight, by response id (what a cancel finds).
     pub in_flight: Arc<InFlight>,
+    /// Counters for the operator view (`Status`).
+    pub stats: WorkerStats,
 }

@@ -7,7 +7,7 @@ use tether_proto::worker::v1::worker_server::Worker;
 use tether_proto::worker::v1::{
     FetchStateRequest, FetchStateResponse, ListInputItemsRequest, ListModelsRequest, ListModelsResponse,
     ReleaseConnectionRequest, ReleaseConnectionResponse, ReplicateRequest, ReplicateResponse, ResponseBody,
-    ResponseRef, TurnEvent, TurnRequest, response_body,
+    ResponseRef, StatusRequest, StatusResponse, TurnEvent, TurnRequest, response_body,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -85,7 +85,11 @@ impl Worker for WorkerService {
             return Err(WorkerError::NotServing.into());
         }
         let (tx, rx) = mpsc::channel(32);
-        tokio::spawn(run_turn(self.ctx.clone(), request.into_inner(), tx));
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let _in_flight = ctx.stats.turn();
+            run_turn(ctx.clone(), request.into_inner(), tx).await
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -199,5 +203,22 @@ impl Worker for WorkerService {
         let count = count_input_tokens(&self.ctx, &request.into_inner()).await;
         let json = count.map(|tokens| serde_json::json!({"object": "response.input_tokens", "input_tokens": tokens}));
         Ok(Response::new(reply(json)))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let stats = self.ctx.stats.snapshot();
+        Ok(Response::new(StatusResponse {
+            worker_id: self.ctx.id.clone(),
+            serving: self.ctx.serving.is_ready(),
+            draining: stats.draining,
+            cache_entries: self.ctx.cache.len() as u64,
+            cache_bytes: self.ctx.cache.bytes() as u64,
+            in_flight_turns: stats.in_flight,
+            turns: stats.turns,
+            pulls: stats.pulls,
+            handed_off: stats.handed_off,
+            replica_batches: stats.replica_batches,
+            fenced: stats.fenced,
+        }))
     }
 }

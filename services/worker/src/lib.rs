@@ -17,6 +17,7 @@ pub mod safety;
 mod server;
 pub mod session;
 pub mod shard_pool;
+pub mod stats;
 pub mod tokenizer;
 
 pub use config::{WorkerArgs, WorkerConfig};

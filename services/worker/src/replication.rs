@@ -107,6 +107,7 @@ fn adopt(ctx: &WorkerContext, tenant: &str, state: SessionState) -> Option<Arc<R
     }
     ctx.cache.insert(state.clone());
     metrics::counter!(m::PULLS).increment(1);
+    ctx.stats.pulled();
     Some(state)
 }
 
@@ -124,6 +125,7 @@ pub fn accept(ctx: &WorkerContext, states: Vec<SessionState>) -> Vec<String> {
         }
     }
     metrics::counter!(m::REPLICAS_STORED).increment(1);
+    ctx.stats.replica_batch();
     need_full
 }
 
@@ -137,6 +139,7 @@ pub async fn hand_off(ctx: &WorkerContext) -> usize {
         moved += hand_off_chunk(ctx, chunk).await;
     }
     metrics::counter!(m::HANDED_OFF).increment(moved as u64);
+    ctx.stats.handed_off(moved as u64);
     moved
 }
 

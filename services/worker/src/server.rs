@@ -61,6 +61,7 @@ pub async fn serve_with(
         replication: config.replication,
         prefill_budget: PrefillBudget::new(config.prefill_limit),
         in_flight: Default::default(),
+        stats: Default::default(),
     });
     let service = WorkerServer::new(WorkerService::new(ctx.clone()))
         .max_decoding_message_size(256 << 20)
@@ -74,7 +75,10 @@ pub async fn serve_with(
     });
     let member = Member { id: id.clone(), addr: addr.clone() };
     // Serve until shutdown; a lost lease fences the worker (no turns) until re-registered.
-    let fenced = || metrics::counter!(crate::metrics::FENCED).increment(1);
+    let fenced = || {
+        metrics::counter!(crate::metrics::FENCED).increment(1);
+        ctx.stats.fenced();
+    };
     let Some(registration) =
         membership::hold(discovery.as_ref(), NodeKind::Worker, &member, &serving, &shutdown, fenced).await
     else {
@@ -91,6 +95,7 @@ pub async fn serve_with(
     // ring, so a new owner that misses a state pulls it from here.
     let deadline = tokio::time::Instant::now() + config.shutdown_grace;
     serving.set(false);
+    ctx.stats.set_draining();
     match tokio::time::timeout_at(deadline, hand_off(&ctx)).await {
         Ok(moved) => tracing::info!(worker = %id, handed_off = moved, "sessions handed off"),
         Err(_) => tracing::warn!(worker = %id, "hand-off ran out of the shutdown grace"),

@@ -1,5 +1,6 @@
 //! The HTTP surface of the Responses API.
 
+pub mod cluster;
 pub mod input_items;
 pub mod input_tokens;
 pub mod models;
