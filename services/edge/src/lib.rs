@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod relay;
 mod server;
 pub mod state;
+mod trace;
 pub mod workers;
 pub mod ws;
 

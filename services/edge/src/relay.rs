@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use tether_common::{ErrorClass, SessionKey};
 use tether_proto::worker::v1::{ApiError, TurnEvent, TurnRequest, turn_event};
 use tonic::Streaming;
+use tracing::{Instrument, Span, field};
 
 use crate::error::unavailable;
 use crate::metrics as m;
@@ -22,12 +23,18 @@ const ATTEMPTS: usize = 3;
 /// owner, transparently: nothing was committed and nothing reached the client.
 pub async fn start_routed(state: &EdgeState, key: SessionKey, request: TurnRequest) -> Result<Relay, ApiError> {
     let mut last = unavailable(ErrorClass::Unavailable);
+    crate::trace::record_session(key);
     for attempt in 0..ATTEMPTS {
-        let Some(worker) = state.workers.owner(key) else { break };
+        let placement = tracing::info_span!("edge.placement", attempt, worker = field::Empty);
+        let Some(worker) = placement.in_scope(|| state.workers.owner(key)) else { break };
+        placement.record("worker", &*worker.id);
+        drop(placement);
         if attempt > 0 {
             metrics::counter!(m::TURN_RETRIES).increment(1);
         }
-        let mut relay = match start(&worker, request.clone()).await {
+        // The relay span lives as long as the relay: the worker's turn is its child.
+        let span = tracing::info_span!("edge.relay", otel.kind = "client", attempt, worker = %worker.id, events = field::Empty);
+        let mut relay = match start(&worker, request.clone(), span.clone()).instrument(span).await {
             Ok(relay) => relay,
             Err((error, retryable)) => {
                 last = error;
@@ -77,12 +84,20 @@ pub struct Relay {
     worker: std::sync::Arc<str>,
     /// The stream broke before any event in a way another worker can retry.
     retryable_failure: bool,
+    /// `edge.relay`, ended when the relay is dropped.
+    span: Span,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.span.record("events", self.sent);
+    }
 }
 
 /// Starts a turn on `worker`; a failure says whether another worker may take the turn.
-async fn start(worker: &WorkerHandle, request: TurnRequest) -> Result<Relay, (ApiError, bool)> {
+async fn start(worker: &WorkerHandle, request: TurnRequest, span: Span) -> Result<Relay, (ApiError, bool)> {
     let stream_id = (!request.stream_id.is_empty()).then(|| request.stream_id.clone());
-    match worker.client.clone().turn(request).await {
+    match worker.client.clone().turn(tether_common::trace::request(request)).await {
         Ok(response) => Ok(Relay {
             pending: None,
             _active: Some(worker.track()),
@@ -92,6 +107,7 @@ async fn start(worker: &WorkerHandle, request: TurnRequest) -> Result<Relay, (Ap
             stream_id,
             worker: worker.id.clone(),
             retryable_failure: false,
+            span,
         }),
         Err(status) => {
             let class = ErrorClass::from_status(&status);

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::context::WorkerContext;
 use crate::error::WorkerError;
@@ -62,7 +63,17 @@ impl Worker for WorkerService {
             return Err(WorkerError::NotServing.into());
         }
         let (tx, rx) = mpsc::channel(32);
-        tokio::spawn(run_turn(self.ctx.clone(), request.into_inner(), tx));
+        let parent = tether_common::trace::from_metadata(request.metadata());
+        let turn = request.into_inner();
+        let span = tracing::info_span!(
+            "worker.turn",
+            otel.kind = "server",
+            node = %self.ctx.id,
+            session = %format_args!("{:016x}", turn.session),
+            request_id = %turn.request_id,
+        );
+        tether_common::trace::set_parent(&span, parent);
+        tokio::spawn(run_turn(self.ctx.clone(), turn, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{Value, json};
+use tracing::Instrument;
 use tether_common::ResponseId;
 use tether_common::tokens::PrefixHash;
 use tether_proto::shard::v1::FinishReason;
@@ -31,8 +32,7 @@ use crate::session::{ResponseState, Segments};
 /// tokenization of a long stateless history take milliseconds).
 const INLINE_PREPARE_BYTES: usize = 32 * 1024;
 
-/// Runs one turn, sending its events to `sink`.
-#[tracing::instrument(skip_all, fields(session = %format_args!("{:016x}", turn.session), request_id = %turn.request_id))]
+/// Runs one turn, sending its events to `sink` (inside the caller's `worker.turn` span).
 pub async fn run_turn(ctx: Arc<WorkerContext>, turn: TurnRequest, sink: TurnSink) {
     let started = Instant::now();
     let final_only = turn.delivery == Delivery::Final as i32;
@@ -64,9 +64,13 @@ async fn prepare_turn(ctx: &Arc<WorkerContext>, turn: &TurnRequest) -> Result<Pr
     let large = turn.body.len() > INLINE_PREPARE_BYTES;
     let request = if large {
         let (body, model) = (turn.body.clone(), ctx.default_model.clone());
-        tokio::task::spawn_blocking(move || CreateRequest::parse(&body, &model)).await.expect("parse does not panic")?
+        let span = tracing::info_span!("worker.parse", bytes = body.len());
+        tokio::task::spawn_blocking(move || span.in_scope(|| CreateRequest::parse(&body, &model)))
+            .await
+            .expect("parse does not panic")?
     } else {
-        CreateRequest::parse(&turn.body, &ctx.default_model)?
+        tracing::info_span!("worker.parse", bytes = turn.body.len())
+            .in_scope(|| CreateRequest::parse(&turn.body, &ctx.default_model))?
     };
     if let Some(previous) = &request.previous_response_id
         && ctx.cache.get(&turn.tenant, previous).is_none()
@@ -75,8 +79,8 @@ async fn prepare_turn(ctx: &Arc<WorkerContext>, turn: &TurnRequest) -> Result<Pr
         replication::pull(ctx, &turn.tenant, previous, id.session_key().0).await;
     }
     if large {
-        let (ctx, turn) = (ctx.clone(), turn.clone());
-        tokio::task::spawn_blocking(move || prepare::prepare(&ctx, &turn, request))
+        let (ctx, turn, span) = (ctx.clone(), turn.clone(), tracing::Span::current());
+        tokio::task::spawn_blocking(move || span.in_scope(|| prepare::prepare(&ctx, &turn, request)))
             .await
             .expect("prepare does not panic")
     } else {
@@ -104,7 +108,8 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
 
     let mut builder = OutputBuilder::new();
     let prefill_only = !prepared.request.generate;
-    let generation = infer::generate(ctx, &prepared, prefill_only, emitter, &mut builder).await;
+    let span = tracing::info_span!("worker.infer", prefill_only, new_tokens = prepared.new_tokens.len());
+    let generation = infer::generate(ctx, &prepared, prefill_only, emitter, &mut builder).instrument(span).await;
     let (finished, completion, shard) = match generation {
         Ok(Generation::Finished { finished, completion, shard }) => (finished, completion, shard),
         Ok(Generation::Closed) => return Outcome::Closed,
@@ -139,6 +144,7 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
                 "worker": ctx.id, "shard": shard,
                 "engine_us": timings.prefill_us + timings.decode_us,
                 "queue_us": timings.queue_us, "prefill_us": timings.prefill_us, "decode_us": timings.decode_us,
+                "trace_id": tether_common::trace::trace_id(),
             }),
         );
     });
@@ -150,7 +156,7 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
             ReplicationMode::Sync => replication::replicate(ctx, &state).await,
             ReplicationMode::Async => {
                 let ctx = ctx.clone();
-                tokio::spawn(async move { replication::replicate(&ctx, &state).await });
+                tokio::spawn(async move { replication::replicate(&ctx, &state).await }.in_current_span());
             }
             ReplicationMode::Off => {}
         }
