@@ -129,11 +129,14 @@ fn install(log: BoxedLayer, config: &TelemetryConfig) -> Result<Option<Telemetry
     let provider = provider(config)?;
     let tracer = provider.tracer("tether");
     // Only tether's spans (and its warnings and errors, as span events) reach OpenTelemetry.
-    let own = filter_fn(|meta| meta.target().starts_with(OWN_TARGETS) && (meta.is_span() || *meta.level() <= Level::WARN));
+    let own =
+        filter_fn(|meta| meta.target().starts_with(OWN_TARGETS) && (meta.is_span() || *meta.level() <= Level::WARN));
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer.clone())
         .with_location(false)
         .with_threads(false)
+        // busy/idle times cost two clock reads per poll: only when the spans go somewhere
+        .with_tracked_inactivity(config.otlp_endpoint.is_some())
         .with_filter(own)
         .boxed();
     if tracing_subscriber::registry().with(vec![otel, log]).try_init().is_err() {
@@ -149,7 +152,8 @@ fn install(log: BoxedLayer, config: &TelemetryConfig) -> Result<Option<Telemetry
 /// (and samples a turn unless its caller's `traceparent` says not to), else samples nothing.
 fn provider(config: &TelemetryConfig) -> Result<SdkTracerProvider, TelemetryError> {
     let name = if config.service_name.is_empty() { "tether" } else { config.service_name.as_str() };
-    let builder = SdkTracerProvider::builder().with_resource(Resource::builder().with_service_name(name.to_owned()).build());
+    let builder =
+        SdkTracerProvider::builder().with_resource(Resource::builder().with_service_name(name.to_owned()).build());
     let Some(endpoint) = &config.otlp_endpoint else {
         return Ok(builder.with_sampler(Sampler::AlwaysOff).build());
     };
@@ -159,10 +163,7 @@ fn provider(config: &TelemetryConfig) -> Result<SdkTracerProvider, TelemetryErro
         .with_timeout(Duration::from_secs(5))
         .build()
         .map_err(|e| TelemetryError(e.to_string()))?;
-    Ok(builder
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
-        .with_batch_exporter(exporter)
-        .build())
+    Ok(builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn))).with_batch_exporter(exporter).build())
 }
 
 /// A JSON event format that puts `trace_id` and `span_id` first in every line logged inside a
@@ -209,4 +210,53 @@ pub fn prometheus() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().write(bytes)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_inside_a_turn_start_with_its_trace_id() {
+        let provider = SdkTracerProvider::builder().with_sampler(Sampler::AlwaysOff).build();
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let log = tracing_subscriber::fmt::layer()
+            .json()
+            .event_format(WithTraceId(tracing_subscriber::fmt::format().json()))
+            .with_writer(move || writer.clone());
+        let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
+        let subscriber = tracing_subscriber::registry().with(otel).with(log);
+        let trace_id = tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("outside any span");
+            let span = tracing::info_span!("edge.turn");
+            let _entered = span.enter();
+            tracing::info!(tokens = 3, "inside the turn");
+            crate::trace::trace_id().expect("a trace id, though nothing is sampled")
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].get("trace_id").is_none(), "no trace outside a span: {text}");
+        assert_eq!(lines[1]["trace_id"], trace_id.as_str());
+        assert_eq!(lines[1]["span_id"].as_str().map(str::len), Some(16));
+        assert_eq!(lines[1]["fields"]["tokens"], 3, "the inner format's fields are kept");
+        assert_eq!(lines[1]["fields"]["message"], "inside the turn");
+    }
 }

@@ -79,8 +79,11 @@ pub fn stage(name: &'static str, start: SystemTime, end: SystemTime, attributes:
     if !parent.span().span_context().is_sampled() {
         return;
     }
-    let mut span =
-        tracer.span_builder(name).with_start_time(start).with_attributes(attributes).start_with_context(tracer, &parent);
+    let mut span = tracer
+        .span_builder(name)
+        .with_start_time(start)
+        .with_attributes(attributes)
+        .start_with_context(tracer, &parent);
     span.end_with_timestamp(end);
 }
 
@@ -118,7 +121,8 @@ struct MetadataMut<'a>(&'a mut MetadataMap);
 
 impl Injector for MetadataMut<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(key), Ok(value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value.as_str())) {
+        if let (Ok(key), Ok(value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value.as_str()))
+        {
             self.0.insert(key, value);
         }
     }

@@ -132,7 +132,7 @@ impl Shard for ShardService {
         let engine = self.engine.clone();
         let cache = self.cache.clone();
         let (prefix_len, prefix_hash) = (request.prefix_len, request.prefix_hash);
-        tokio::spawn(async move {
+        let task = async move {
             let (piece_tx, mut piece_rx) = mpsc::channel::<crate::engine::Piece>(64);
             let forward_tx = tx.clone();
             let forward = tokio::spawn(async move {
@@ -190,7 +190,8 @@ impl Shard for ShardService {
                     let _ = tx.send(Err(error.into())).await;
                 }
             }
-        }.instrument(span.clone()));
+        };
+        tokio::spawn(task.instrument(span.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

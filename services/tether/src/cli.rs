@@ -43,6 +43,8 @@ impl Command {
             Command::Dev(args) => (args.log_format, args.otlp_endpoint.clone(), "tether"),
             Command::Certs(_) => (LogFormat::Plain, None, "tether"),
         };
+        // An empty variable (compose's `${TETHER_OTLP_ENDPOINT:-}`) means no exporter.
+        let otlp_endpoint = otlp_endpoint.filter(|endpoint| !endpoint.trim().is_empty());
         TelemetryConfig { log_format, otlp_endpoint, service_name: service_name.to_owned() }
     }
 }

@@ -231,8 +231,9 @@ impl Connection {
             let request_id = request_id();
             let span = crate::trace::ws_turn(&self.trace, &request_id);
             let connection = (self.key, self.id);
-            let task = run_create(self.state.clone(), self.tenant.clone(), connection, create, request_id, self.out.clone())
-                .instrument(span);
+            let task =
+                run_create(self.state.clone(), self.tenant.clone(), connection, create, request_id, self.out.clone())
+                    .instrument(span);
             let done = self.done.clone();
             self.tasks.spawn(async move {
                 task.await;

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{Value, json};
-use tracing::Instrument;
 use tether_common::ResponseId;
 use tether_common::tokens::PrefixHash;
 use tether_proto::shard::v1::FinishReason;
 use tether_proto::worker::v1::{Delivery, TurnEvent, TurnRequest, turn_event};
+use tracing::Instrument;
 
 use self::infer::Generation;
 use self::output::OutputBuilder;

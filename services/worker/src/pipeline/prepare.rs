@@ -87,7 +87,8 @@ pub fn prepare(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) 
     drop(stage);
 
     // 3. Safety-check only the new input.
-    let stage = tracing::info_span!("worker.safety", items = request.input.len(), bytes = tracing::field::Empty).entered();
+    let stage =
+        tracing::info_span!("worker.safety", items = request.input.len(), bytes = tracing::field::Empty).entered();
     let mut checked_bytes = 0u64;
     for item in &request.input {
         let text = item.checked_text();
@@ -105,8 +106,8 @@ pub fn prepare(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) 
 
     // 4. Render only the new items, unless the header changed (and, below, fit the window
     // and charge the prefill budget: all part of `worker.render`).
-    let stage = tracing::info_span!("worker.render", full = tracing::field::Empty, tokens = tracing::field::Empty)
-        .entered();
+    let stage =
+        tracing::info_span!("worker.render", full = tracing::field::Empty, tokens = tracing::field::Empty).entered();
     let renderer = ctx.renderer.for_model(&request.model);
     let header_key = renderer.header_key_for(request.instructions.as_deref(), &request.tools);
     let mut new_tokens = Vec::new();
