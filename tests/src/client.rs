@@ -25,9 +25,15 @@ pub enum Received {
 
 impl WsClient {
     pub async fn connect(url: &str, key: Option<&str>) -> Result<Self, tungstenite::Error> {
+        let auth = key.map(|key| format!("Bearer {key}"));
+        Self::connect_with(url, auth.as_deref().map(|auth| ("authorization", auth)).as_slice()).await
+    }
+
+    /// Connects with extra headers on the upgrade request (`authorization`, `traceparent`).
+    pub async fn connect_with(url: &str, headers: &[(&'static str, &str)]) -> Result<Self, tungstenite::Error> {
         let mut request = url.into_client_request()?;
-        if let Some(key) = key {
-            request.headers_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+        for (name, value) in headers {
+            request.headers_mut().insert(*name, value.parse().unwrap());
         }
         let (stream, _) = tokio::time::timeout(RECV_LIMIT, tokio_tungstenite::connect_async(request))
             .await

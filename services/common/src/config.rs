@@ -15,6 +15,11 @@ pub struct CommonArgs {
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain, help_heading = "Common")]
     pub log_format: LogFormat,
 
+    /// Export each turn's spans over OTLP/gRPC to this collector, e.g. `http://127.0.0.1:4317`.
+    /// Unset: no exporter runs (trace ids still propagate and appear in JSON logs).
+    #[arg(long, env = "TETHER_OTLP_ENDPOINT", help_heading = "Common")]
+    pub otlp_endpoint: Option<String>,
+
     /// One deadline for a graceful shutdown: drain in-flight work, then exit.
     #[arg(long, env = "TETHER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s", help_heading = "Common")]
     pub shutdown_grace: Duration,

@@ -15,6 +15,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod tokenizer;
 pub mod tokens;
+pub mod trace;
 
 pub use error_code::ErrorClass;
 pub use ids::{ResponseId, SessionKey};

@@ -219,6 +219,8 @@ impl Admission {
 
     /// Admits a turn: the tenant's in-flight permit, then the edge's.
     pub fn turn(&self, tenant: &str, transport: &'static str) -> Result<TurnGuard, ApiError> {
+        let span = tracing::info_span!("edge.admission", admitted = false);
+        let _entered = span.enter();
         let tenant = self.tenant(tenant);
         let Ok(tenant_permit) = tenant.in_flight.clone().try_acquire_owned() else {
             return Err(Self::refuse(tenant, Limit::TenantInFlight));
@@ -227,6 +229,7 @@ impl Admission {
             return Err(Self::refuse(tenant, Limit::EdgeInFlight));
         };
         metrics::gauge!(m::IN_FLIGHT, "tenant" => tenant.name.to_string()).increment(1.0);
+        span.record("admitted", true);
         Ok(TurnGuard {
             tenant: tenant.clone(),
             transport,

@@ -16,6 +16,7 @@ mod server;
 pub mod state;
 pub mod stats;
 pub mod status;
+mod trace;
 pub mod workers;
 pub mod ws;
 

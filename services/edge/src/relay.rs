@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use tether_common::{ErrorClass, SessionKey};
 use tether_proto::worker::v1::{ApiError, TurnEvent, TurnRequest, turn_event};
 use tonic::Streaming;
+use tracing::{Instrument, Span, field};
 
 use crate::error::unavailable;
 use crate::metrics as m;
@@ -25,25 +26,32 @@ const ATTEMPTS: usize = 3;
 /// owner, transparently: nothing was committed and nothing reached the client.
 pub async fn start_routed(state: &EdgeState, key: SessionKey, request: TurnRequest) -> Result<Relay, ApiError> {
     let mut last = unavailable(ErrorClass::Unavailable);
+    crate::trace::record_session(key);
     for attempt in 0..ATTEMPTS {
-        let Some(worker) = state.workers.owner(key) else { break };
+        let placement = tracing::info_span!("edge.placement", attempt, worker = field::Empty);
+        let Some(worker) = placement.in_scope(|| state.workers.owner(key)) else { break };
+        placement.record("worker", &*worker.id);
+        drop(placement);
         if attempt > 0 {
             metrics::counter!(m::TURN_RETRIES).increment(1);
         }
         if attempt > 0 || state.workers.home(key).is_some_and(|home| home != worker.id) {
             state.admission.stats().moved(&worker.id, attempt > 0);
         }
-        let mut relay = match start(&worker, request.clone(), state.admission.stats()).await {
-            Ok(relay) => relay,
-            Err((error, retryable)) => {
-                last = error;
-                if retryable {
-                    state.workers.eject(&worker);
-                    continue;
+        // The relay span lives as long as the relay: the worker's turn is its child.
+        let span = tracing::info_span!("edge.relay", otel.kind = "client", attempt, worker = %worker.id, events = field::Empty);
+        let mut relay =
+            match start(&worker, request.clone(), state.admission.stats(), span.clone()).instrument(span).await {
+                Ok(relay) => relay,
+                Err((error, retryable)) => {
+                    last = error;
+                    if retryable {
+                        state.workers.eject(&worker);
+                        continue;
+                    }
+                    return Err(last);
                 }
-                return Err(last);
-            }
-        };
+            };
         match relay.next().await {
             Some(RelayItem::Error(error)) if relay.sent == 0 && relay.retryable_failure => {
                 last = error;
@@ -83,13 +91,26 @@ pub struct Relay {
     worker: std::sync::Arc<str>,
     /// The stream broke before any event in a way another worker can retry.
     retryable_failure: bool,
+    /// `edge.relay`, ended when the relay is dropped.
+    span: Span,
     stats: Arc<EdgeStats>,
 }
 
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.span.record("events", self.sent);
+    }
+}
+
 /// Starts a turn on `worker`; a failure says whether another worker may take the turn.
-async fn start(worker: &WorkerHandle, request: TurnRequest, stats: &Arc<EdgeStats>) -> Result<Relay, (ApiError, bool)> {
+async fn start(
+    worker: &WorkerHandle,
+    request: TurnRequest,
+    stats: &Arc<EdgeStats>,
+    span: Span,
+) -> Result<Relay, (ApiError, bool)> {
     let stream_id = (!request.stream_id.is_empty()).then(|| request.stream_id.clone());
-    match worker.client.clone().turn(request).await {
+    match worker.client.clone().turn(tether_common::trace::request(request)).await {
         Ok(response) => Ok(Relay {
             pending: None,
             _active: Some(worker.track()),
@@ -100,6 +121,7 @@ async fn start(worker: &WorkerHandle, request: TurnRequest, stats: &Arc<EdgeStat
             worker: worker.id.clone(),
             retryable_failure: false,
             stats: stats.clone(),
+            span,
         }),
         Err(status) => {
             let class = ErrorClass::from_status(&status);

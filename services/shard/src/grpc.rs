@@ -2,6 +2,9 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::SystemTime;
+
+use opentelemetry::KeyValue;
 
 use tether_common::ops::Readiness;
 use tether_common::tokens::PrefixHash;
@@ -16,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::{Instrument, field};
 
 use crate::engine::{Engine, Job};
 use crate::kv_cache::{KvCache, Lookup};
@@ -43,6 +47,19 @@ impl ShardService {
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
 
+/// Records the engine's queue, prefill and decode as children of `shard.generate`, at the
+/// times they happened (the engine reports their durations when the job ends).
+fn stages(started: SystemTime, outcome: &crate::engine::Outcome) {
+    let completion = outcome.completion.len();
+    tracing::Span::current().record("completion_tokens", completion);
+    let queued = started + outcome.queue;
+    let prefilled = queued + outcome.prefill;
+    tether_common::trace::stage("shard.queue", started, queued, Vec::new());
+    tether_common::trace::stage("shard.prefill", queued, prefilled, Vec::new());
+    let decode = vec![KeyValue::new("completion_tokens", completion as i64)];
+    tether_common::trace::stage("shard.decode", prefilled, prefilled + outcome.decode, decode);
+}
+
 fn single(chunk: GenerateChunk) -> ChunkStream {
     Box::pin(tokio_stream::once(Ok(chunk)))
 }
@@ -51,8 +68,20 @@ fn single(chunk: GenerateChunk) -> ChunkStream {
 impl Shard for ShardService {
     type GenerateStream = ChunkStream;
 
-    #[tracing::instrument(skip_all, fields(session = %format_args!("{:016x}", request.get_ref().session)))]
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
+        // `shard.generate` lasts until the generation ends (the task below holds it); no await
+        // happens while it is entered here.
+        let span = tracing::info_span!(
+            "shard.generate",
+            otel.kind = "server",
+            node = %self.id,
+            session = %format_args!("{:016x}", request.get_ref().session),
+            cached = field::Empty,
+            new_tokens = field::Empty,
+            completion_tokens = field::Empty,
+        );
+        tether_common::trace::set_parent(&span, tether_common::trace::from_metadata(request.metadata()));
+        let _entered = span.enter();
         if !self.serving.is_ready() {
             return Err(crate::ShardError::NotServing.into());
         }
@@ -83,6 +112,7 @@ impl Shard for ShardService {
         if cached > 0 {
             metrics::counter!(m::CACHE_HITS).increment(1);
         }
+        span.record("cached", cached).record("new_tokens", new_tokens.len());
 
         let job = Job {
             session,
@@ -107,7 +137,7 @@ impl Shard for ShardService {
         let engine = self.engine.clone();
         let cache = self.cache.clone();
         let (prefix_len, prefix_hash) = (request.prefix_len, request.prefix_hash);
-        tokio::spawn(async move {
+        let task = async move {
             let (piece_tx, mut piece_rx) = mpsc::channel::<crate::engine::Piece>(64);
             let forward_tx = tx.clone();
             let forward = tokio::spawn(async move {
@@ -120,6 +150,7 @@ impl Shard for ShardService {
             });
             let new_tokens = job.new_tokens.clone();
             let (uncached, cached) = (job.prompt_len - job.cached, job.cached);
+            let started = SystemTime::now();
             let result = engine.run(job, piece_tx).await;
             let _ = forward.await;
             match result {
@@ -137,6 +168,7 @@ impl Shard for ShardService {
                     metrics::counter!(m::DECODE_TOKENS).increment(outcome.completion.len() as u64);
                     metrics::histogram!(m::QUEUE_SECONDS).record(outcome.queue.as_secs_f64());
                     metrics::histogram!(m::TTFT_SECONDS).record(outcome.prefill.as_secs_f64());
+                    stages(started, &outcome);
                     let finished = Finished {
                         reason: outcome.reason as i32,
                         usage: Some(Usage {
@@ -163,7 +195,8 @@ impl Shard for ShardService {
                     let _ = tx.send(Err(error.into())).await;
                 }
             }
-        });
+        };
+        tokio::spawn(task.instrument(span.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

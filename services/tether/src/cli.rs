@@ -8,7 +8,7 @@ use tether_common::discovery::Discovery;
 use tether_common::discovery::fixed::FixedDiscovery;
 use tether_common::serve::bind;
 use tether_common::shutdown;
-use tether_common::telemetry::LogFormat;
+use tether_common::telemetry::{LogFormat, TelemetryConfig};
 use tether_common::tls::{Tls, check_url};
 
 #[derive(Debug, Parser)]
@@ -35,14 +35,19 @@ pub enum Command {
 }
 
 impl Command {
-    pub fn log_format(&self) -> LogFormat {
-        match self {
-            Command::Edge(args) => args.common.log_format,
-            Command::Worker(args) => args.common.log_format,
-            Command::Shard(args) => args.common.log_format,
-            Command::Dev(args) => args.log_format,
-            Command::Certs(_) | Command::Status(_) => LogFormat::Plain,
-        }
+    /// Logging and span export for the whole process; the service name is OpenTelemetry's
+    /// `service.name` (`tether` for dev, where spans say their node in `node`).
+    pub fn telemetry(&self) -> TelemetryConfig {
+        let (log_format, otlp_endpoint, service_name) = match self {
+            Command::Edge(args) => (args.common.log_format, args.common.otlp_endpoint.clone(), "tether-edge"),
+            Command::Worker(args) => (args.common.log_format, args.common.otlp_endpoint.clone(), "tether-worker"),
+            Command::Shard(args) => (args.common.log_format, args.common.otlp_endpoint.clone(), "tether-shard"),
+            Command::Dev(args) => (args.log_format, args.otlp_endpoint.clone(), "tether"),
+            Command::Certs(_) | Command::Status(_) => (LogFormat::Plain, None, "tether"),
+        };
+        // An empty variable (compose's `${TETHER_OTLP_ENDPOINT:-}`) means no exporter.
+        let otlp_endpoint = otlp_endpoint.filter(|endpoint| !endpoint.trim().is_empty());
+        TelemetryConfig { log_format, otlp_endpoint, service_name: service_name.to_owned() }
     }
 }
 

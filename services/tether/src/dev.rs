@@ -45,6 +45,11 @@ pub struct DevArgs {
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
 
+    /// Export each turn's spans (edge, workers and shards alike) over OTLP/gRPC to this
+    /// collector, e.g. `http://127.0.0.1:4317`. Unset: no exporter runs.
+    #[arg(long, env = "TETHER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// One deadline for a graceful shutdown.
     #[arg(long, env = "TETHER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,

@@ -13,12 +13,23 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    tether_common::telemetry::init(args.command.log_format());
-    match cli::run(args).await {
+    let telemetry = match tether_common::telemetry::init(&args.command.telemetry()) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("tether: {error}");
+            return ExitCode::from(64);
+        }
+    };
+    let code = match cli::run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "tether exited with an error");
             ExitCode::from(cli::exit_code(&error))
         }
+    };
+    if let Some(telemetry) = telemetry {
+        // The last batch of spans; the exporter blocks, so off the async workers.
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     }
+    code
 }

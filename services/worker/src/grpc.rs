@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::api::item_list::{self, Page};
 use crate::context::WorkerContext;
@@ -85,11 +86,24 @@ impl Worker for WorkerService {
             return Err(WorkerError::NotServing.into());
         }
         let (tx, rx) = mpsc::channel(32);
+        let parent = tether_common::trace::from_metadata(request.metadata());
+        let turn = request.into_inner();
+        let span = tracing::info_span!(
+            "worker.turn",
+            otel.kind = "server",
+            node = %self.ctx.id,
+            session = %format_args!("{:016x}", turn.session),
+            request_id = %turn.request_id,
+        );
+        tether_common::trace::set_parent(&span, parent);
         let ctx = self.ctx.clone();
-        tokio::spawn(async move {
-            let _in_flight = ctx.stats.turn();
-            run_turn(ctx.clone(), request.into_inner(), tx).await
-        });
+        tokio::spawn(
+            async move {
+                let _in_flight = ctx.stats.turn();
+                run_turn(ctx.clone(), turn, tx).await
+            }
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

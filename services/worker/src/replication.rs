@@ -23,6 +23,7 @@ const HOLDER_ATTEMPTS: usize = 4;
 
 /// Copies `state` to its replica holder (a delta on the parent; whole if the replica lacks
 /// the parent). A holder that is gone or refuses (it drains) is ejected and the next one tried.
+#[tracing::instrument(name = "worker.replicate", skip_all, fields(store = state.store))]
 pub async fn replicate(ctx: &WorkerContext, state: &ResponseState) {
     if !state.store {
         return;
@@ -57,6 +58,7 @@ const PULL_CANDIDATES: usize = 4;
 
 /// Pulls a response's state from the worker that held its key before this one (a chain
 /// that moved here when membership changed). One extra round trip, then it is local.
+#[tracing::instrument(name = "worker.pull", skip_all)]
 pub async fn pull(ctx: &WorkerContext, tenant: &str, id: &str, key: u64) -> Option<Arc<ResponseState>> {
     let candidates = ctx.peers.holders(key, PULL_CANDIDATES);
     let mut asked = Vec::with_capacity(candidates.len());

@@ -15,6 +15,7 @@ use tether_proto::worker::v1::{ApiError, Delivery, ResponseRef, Transport, TurnR
 
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::admission::{Outcome, TurnGuard, count_unadmitted};
 use crate::envelope::Envelope;
@@ -47,7 +48,8 @@ fn body_error(rejection: &BytesRejection, limit: usize) -> ApiError {
 pub async fn create(State(state): State<EdgeState>, request: Request) -> Response {
     let request_id = request_id();
     let headers = request.headers().clone();
-    let response = create_inner(&state, &headers, request, &request_id).await;
+    let span = crate::trace::http_turn(&headers, &request_id);
+    let response = create_inner(&state, &headers, request, &request_id).instrument(span).await;
     with_request_id(response, &request_id)
 }
 
@@ -169,7 +171,7 @@ async fn create_inner(state: &EdgeState, headers: &HeaderMap, request: Request, 
                 relay.next().await.map(|item| (item, relay))
             }));
             let pump = pump_sse(event, rest, guard, frames, state.config.client_read_timeout, cut.clone());
-            tokio::spawn(pump);
+            tokio::spawn(pump.in_current_span());
             let stream = futures_util::stream::unfold((body, cut), |(mut body, cut)| async move {
                 match body.recv().await {
                     Some(frame) => Some((Ok(frame), (body, cut))),

@@ -22,6 +22,7 @@ use tether_common::SessionKey;
 use tether_proto::worker::v1::{ApiError, Delivery, ReleaseConnectionRequest, Transport, TurnRequest};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use super::lanes::{LaneKey, Lanes};
 use crate::admission::{ConnectionGuard, Limit, Outcome};
@@ -46,9 +47,18 @@ struct Connection {
     lanes: Lanes<Create>,
     tasks: JoinSet<()>,
     expired: bool,
+    /// The upgrade request's trace context: each turn's trace links to it.
+    trace: opentelemetry::Context,
 }
 
-pub async fn run(socket: WebSocket, state: EdgeState, tenant: Arc<str>, key: SessionKey, _admitted: ConnectionGuard) {
+pub async fn run(
+    socket: WebSocket,
+    state: EdgeState,
+    tenant: Arc<str>,
+    key: SessionKey,
+    _admitted: ConnectionGuard,
+    trace: opentelemetry::Context,
+) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut out_rx) = mpsc::channel::<Message>(256);
     let read_timeout = state.config.client_read_timeout;
@@ -84,6 +94,7 @@ pub async fn run(socket: WebSocket, state: EdgeState, tenant: Arc<str>, key: Ses
         lanes: Lanes::default(),
         tasks: JoinSet::new(),
         expired: false,
+        trace,
     };
     let lifetime = tokio::time::sleep(state.config.ws_max_lifetime);
     tokio::pin!(lifetime);
@@ -217,7 +228,12 @@ impl Connection {
 
     fn start_ready(&mut self) {
         while let Some((lane, create)) = self.lanes.next_startable() {
-            let task = run_create(self.state.clone(), self.tenant.clone(), self.key, self.id, create, self.out.clone());
+            let request_id = request_id();
+            let span = crate::trace::ws_turn(&self.trace, &request_id);
+            let connection = (self.key, self.id);
+            let task =
+                run_create(self.state.clone(), self.tenant.clone(), connection, create, request_id, self.out.clone())
+                    .instrument(span);
             let done = self.done.clone();
             self.tasks.spawn(async move {
                 task.await;
@@ -250,9 +266,9 @@ fn code_label(code: &str) -> &'static str {
 async fn run_create(
     state: EdgeState,
     tenant: Arc<str>,
-    connection_key: SessionKey,
-    connection: u64,
+    (connection_key, connection): (SessionKey, u64),
     create: Create,
+    request_id: String,
     out: mpsc::Sender<Message>,
 ) {
     let stream_id = create.envelope.stream_id.clone();
@@ -277,7 +293,7 @@ async fn run_create(
         delivery: Delivery::Events as i32,
         stream_id: stream_id.clone().unwrap_or_default(),
         connection,
-        request_id: request_id(),
+        request_id,
     };
     match relay::start_routed(&state, key, turn).await {
         Err(error) => {

@@ -40,6 +40,8 @@ pub async fn upgrade(
         Err(error) => return http_error(&error),
     };
     let key = state.place(&tenant, &headers, None);
+    // Each turn on the socket is a trace of its own, linked to this one.
+    let trace = tether_common::trace::from_headers(&headers);
     let limit = state.config.max_message_bytes;
     // Small I/O buffers: tungstenite's 128 KiB defaults cost ~135 KB per idle connection;
     // buffers grow when a large message passes.
@@ -48,7 +50,7 @@ pub async fn upgrade(
         .write_buffer_size(4 * 1024)
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| connection::run(socket, state, tenant, key, admitted))
+        .on_upgrade(move |socket| connection::run(socket, state, tenant, key, admitted, trace))
 }
 
 /// The reply to a plain GET on the WebSocket path.

@@ -14,6 +14,7 @@ use tether_common::ResponseId;
 use tether_common::tokens::PrefixHash;
 use tether_proto::shard::v1::FinishReason;
 use tether_proto::worker::v1::{Delivery, TurnEvent, TurnRequest, turn_event};
+use tracing::Instrument;
 
 use self::infer::Generation;
 use self::output::OutputBuilder;
@@ -33,8 +34,7 @@ use crate::session::{ResponseState, Segments};
 /// tokenization of a long stateless history take milliseconds).
 const INLINE_PREPARE_BYTES: usize = 32 * 1024;
 
-/// Runs one turn, sending its events to `sink`.
-#[tracing::instrument(skip_all, fields(session = %format_args!("{:016x}", turn.session), request_id = %turn.request_id))]
+/// Runs one turn, sending its events to `sink` (inside the caller's `worker.turn` span).
 pub async fn run_turn(ctx: Arc<WorkerContext>, turn: TurnRequest, sink: TurnSink) {
     let started = Instant::now();
     let final_only = turn.delivery == Delivery::Final as i32;
@@ -83,9 +83,13 @@ async fn prepare_turn(
     let large = turn.body.len() > INLINE_PREPARE_BYTES;
     let request = if large {
         let (body, model) = (turn.body.clone(), ctx.default_model.clone());
-        tokio::task::spawn_blocking(move || CreateRequest::parse(&body, &model)).await.expect("parse does not panic")?
+        let span = tracing::info_span!("worker.parse", bytes = body.len());
+        tokio::task::spawn_blocking(move || span.in_scope(|| CreateRequest::parse(&body, &model)))
+            .await
+            .expect("parse does not panic")?
     } else {
-        CreateRequest::parse(&turn.body, &ctx.default_model)?
+        tracing::info_span!("worker.parse", bytes = turn.body.len())
+            .in_scope(|| CreateRequest::parse(&turn.body, &ctx.default_model))?
     };
     if let Some(previous) = &request.previous_response_id
         && ctx.cache.get(&turn.tenant, previous).is_none()
@@ -94,8 +98,10 @@ async fn prepare_turn(
         replication::pull(ctx, &turn.tenant, previous, id.session_key().0).await;
     }
     if large {
-        let (ctx, turn) = (ctx.clone(), turn.clone());
-        tokio::task::spawn_blocking(move || step(&ctx, &turn, request)).await.expect("prepare does not panic")
+        let (ctx, turn, span) = (ctx.clone(), turn.clone(), tracing::Span::current());
+        tokio::task::spawn_blocking(move || span.in_scope(|| step(&ctx, &turn, request)))
+            .await
+            .expect("prepare does not panic")
     } else {
         step(ctx, turn, request)
     }
@@ -125,7 +131,9 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
     let mut builder = OutputBuilder::new();
     let prefill_only = !prepared.request.generate;
     let cancel = registration.cancelled();
-    let generation = infer::generate(ctx, &prepared, prefill_only, emitter, &mut builder, cancel).await;
+    let span = tracing::info_span!("worker.infer", prefill_only, new_tokens = prepared.new_tokens.len());
+    let generation =
+        infer::generate(ctx, &prepared, prefill_only, emitter, &mut builder, cancel).instrument(span).await;
     let (finished, completion, shard, cancelled) = match generation {
         Ok(Generation::Finished { finished, completion, shard }) => (finished, completion, shard, false),
         // Stored and continued like an incomplete response: the shard kept nothing of the
@@ -174,6 +182,7 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
                 "worker": ctx.id, "shard": shard,
                 "engine_us": timings.prefill_us + timings.decode_us,
                 "queue_us": timings.queue_us, "prefill_us": timings.prefill_us, "decode_us": timings.decode_us,
+                "trace_id": tether_common::trace::trace_id(),
             }),
         );
     });
@@ -185,7 +194,7 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
             ReplicationMode::Sync => replication::replicate(ctx, &state).await,
             ReplicationMode::Async => {
                 let ctx = ctx.clone();
-                tokio::spawn(async move { replication::replicate(&ctx, &state).await });
+                tokio::spawn(async move { replication::replicate(&ctx, &state).await }.in_current_span());
             }
             ReplicationMode::Off => {}
         }

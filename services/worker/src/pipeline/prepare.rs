@@ -68,6 +68,7 @@ pub fn prepare(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) 
 pub fn plan(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) -> Result<Prepared, WorkerError> {
     // 1. Resolve state: O(1) in the session cache. A foreign tenant's id, an evicted one
     // and a store=false one from another connection all look exactly like unknown ids.
+    let stage = tracing::info_span!("worker.resolve", chained = request.previous_response_id.is_some()).entered();
     let parent = match &request.previous_response_id {
         None => None,
         Some(id) => {
@@ -80,7 +81,10 @@ pub fn plan(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) -> 
         }
     };
 
+    drop(stage);
+
     // 2. Validate only what is new against the cached config.
+    let stage = tracing::info_span!("worker.validate").entered();
     match ctx.shards.serves(&request.model) {
         Some(false) => return Err(WorkerError::ModelNotFound(request.model.clone())),
         None if ctx.shards.is_empty() => return Err(WorkerError::NoShard),
@@ -102,7 +106,11 @@ pub fn plan(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) -> 
         return Err(WorkerError::invalid("input", "'input' is required when there is no 'previous_response_id'."));
     }
 
+    drop(stage);
+
     // 3. Safety-check only the new input.
+    let stage =
+        tracing::info_span!("worker.safety", items = request.input.len(), bytes = tracing::field::Empty).entered();
     let mut checked_bytes = 0u64;
     for item in &request.input {
         let text = item.checked_text();
@@ -113,10 +121,15 @@ pub fn plan(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) -> 
         }
     }
     metrics::counter!(m::SAFETY_CHECKED_BYTES).increment(checked_bytes);
+    stage.record("bytes", checked_bytes);
+    drop(stage);
     let verdict =
         Verdict { classifier: ctx.classifier.name().into(), items: request.input.len() as u32, bytes: checked_bytes };
 
-    // 4. Render only the new items, unless the header changed.
+    // 4. Render only the new items, unless the header changed (and, below, fit the window
+    // and charge the prefill budget: all part of `worker.render`).
+    let stage =
+        tracing::info_span!("worker.render", full = tracing::field::Empty, tokens = tracing::field::Empty).entered();
     let renderer = ctx.renderer.for_model(&request.model);
     let header_key = renderer.header_key_for(request.instructions.as_deref(), &request.tools);
     let mut new_tokens = Vec::new();
@@ -195,6 +208,8 @@ pub fn plan(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) -> 
             full = true;
         }
     }
+    stage.record("full", full).record("tokens", new_tokens.len());
+    drop(stage);
     let new_outputs =
         request.input.iter().filter(|item| matches!(item, Item::FunctionCallOutput { .. })).count() as u32;
     let tool_outputs_seen = match (&parent, full) {

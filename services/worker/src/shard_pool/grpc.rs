@@ -67,7 +67,7 @@ impl ShardApi for GrpcShard {
     fn generate(&self, request: GenerateRequest) -> BoxFuture<'_, Result<ChunkStream, Status>> {
         let mut client = self.client.clone();
         Box::pin(async move {
-            let stream = client.generate(request).await?.into_inner();
+            let stream = client.generate(tether_common::trace::request(request)).await?.into_inner();
             Ok(Box::pin(stream) as ChunkStream)
         })
     }
