@@ -109,6 +109,13 @@ impl Browser {
             page.call(domain, json!({})).await;
         }
         page.call("Page.navigate", json!({"url": url})).await;
+        // `Page.navigate` answers before the document is there: a test's first query must not
+        // race the load (it would run against about:blank or a half-parsed page).
+        wait::until(Duration::from_secs(20), "the page loads", || async {
+            let loaded = page.eval("location.href !== 'about:blank' && document.readyState === 'complete'").await;
+            (loaded == true).then_some(())
+        })
+        .await;
         page
     }
 }

@@ -140,6 +140,18 @@ async fn the_dashboard_shows_a_killed_worker_ejected_and_its_sessions_moving() {
     })
     .await;
 
+    // The router's share of the time to first token, measured per streamed turn.
+    let view: Value = reqwest::get(format!("{edge}/v1/cluster/status")).await.unwrap().json().await.unwrap();
+    let overhead = &view["edge"]["router_overhead_ms"];
+    assert!(overhead["samples"].as_u64().unwrap_or(0) > 0, "router overhead samples: {overhead}");
+    assert!(overhead["p50"].as_f64().is_some_and(|p50| p50 >= 0.0), "{overhead}");
+    let tile = wait::until(Duration::from_secs(10), "the router-overhead tile shows a number", || async {
+        let text = page.eval("document.getElementById('t-overhead').textContent").await;
+        text.as_str().filter(|t| t.chars().next().is_some_and(|c| c.is_ascii_digit())).map(str::to_owned)
+    })
+    .await;
+    println!("router overhead tile: {tile} ms; status: {overhead}");
+
     cluster.workers[0].kill();
     let rows = wait::until(Duration::from_secs(60), "worker-0 ejected and its sessions moved on the page", || async {
         let rows = worker_rows(&page).await;

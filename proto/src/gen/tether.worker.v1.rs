@@ -181,6 +181,10 @@ pub struct Event {
     /// The response's terminal event.
     #[prost(bool, tag = "3")]
     pub terminal: bool,
+    /// On the terminal event: the engine's own time to the first token (queue + prefill), so the
+    /// edge can tell the router's share of the client's time to first token.
+    #[prost(uint64, tag = "4")]
+    pub engine_ttft_us: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tether_proto::worker::v1::ApiError;
@@ -233,8 +233,9 @@ impl Admission {
         Ok(TurnGuard {
             tenant: tenant.clone(),
             transport,
-            started: Instant::now(),
+            started: tokio::time::Instant::now(),
             first_event_seen: false,
+            first_delta: None,
             outcome: Outcome::Cancelled,
             stats: self.stats.clone(),
             _tenant_permit: tenant_permit,
@@ -267,8 +268,11 @@ impl Admission {
 pub struct TurnGuard {
     tenant: Arc<Tenant>,
     transport: &'static str,
-    started: Instant,
+    /// tokio's clock (the std one outside tests): a paused test clock can drive it.
+    started: tokio::time::Instant,
     first_event_seen: bool,
+    /// When the first output delta (the first token the client sees) was relayed.
+    first_delta: Option<Duration>,
     outcome: Outcome,
     stats: Arc<EdgeStats>,
     _tenant_permit: OwnedSemaphorePermit,
@@ -282,6 +286,20 @@ impl TurnGuard {
             self.first_event_seen = true;
             metrics::histogram!(m::FIRST_EVENT_SECONDS).record(self.started.elapsed().as_secs_f64());
             self.stats.first_event(self.started.elapsed());
+        }
+    }
+
+    /// Notes a relayed event: the first output delta's time and, on the terminal event, the
+    /// router's share of the client's time to first token (that time minus the engine's own
+    /// queue and prefill, which the worker reports with the terminal event).
+    pub fn relayed(&mut self, event_type: &str, engine_ttft_us: u64) {
+        if self.first_delta.is_none() && event_type.ends_with(".delta") {
+            self.first_delta = Some(self.started.elapsed());
+        }
+        if engine_ttft_us > 0
+            && let Some(first_delta) = self.first_delta
+        {
+            self.stats.router_overhead(first_delta.saturating_sub(Duration::from_micros(engine_ttft_us)));
         }
     }
 
@@ -405,6 +423,29 @@ mod tests {
         assert_eq!(admission.in_flight(8), 0, "dropped guards free every slot");
         assert!(admission.turn("alpha", "http").is_ok());
         assert_eq!(Limit::TenantInFlight.as_label(), "tenant_in_flight");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_router_overhead_is_the_first_delta_minus_the_engines_ttft() {
+        let admission = Admission::new(&two_tenants());
+        let mut guard = admission.turn("alpha", "websocket").unwrap();
+        guard.relayed("response.created", 0);
+        tokio::time::advance(Duration::from_millis(30)).await;
+        guard.relayed("response.output_text.delta", 0);
+        tokio::time::advance(Duration::from_millis(50)).await;
+        guard.relayed("response.output_text.delta", 0);
+        // The engine took 26 ms of the 30 ms to the first delta.
+        guard.relayed("response.completed", 26_000);
+        let overhead = admission.stats().snapshot().router_overhead_ms;
+        assert_eq!(overhead.samples, 1);
+        let p50 = overhead.p50.unwrap();
+        assert!((3.9..=4.1).contains(&p50), "{p50} ms");
+
+        // A response with no delta (a warmup, a failure before any token) has no sample.
+        let mut warmup = admission.turn("alpha", "websocket").unwrap();
+        warmup.relayed("response.created", 0);
+        warmup.relayed("response.completed", 1_000);
+        assert_eq!(admission.stats().snapshot().router_overhead_ms.samples, 1);
     }
 
     #[tokio::test]

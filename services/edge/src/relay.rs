@@ -73,7 +73,13 @@ pub async fn start_routed(state: &EdgeState, key: SessionKey, request: TurnReque
 #[derive(Debug)]
 pub enum RelayItem {
     /// A serialized event; `terminal` marks the response's last one.
-    Event { event_type: String, json: Vec<u8>, terminal: bool },
+    Event {
+        event_type: String,
+        json: Vec<u8>,
+        terminal: bool,
+        /// On the terminal event: the engine's own time to first token, in microseconds.
+        engine_ttft_us: u64,
+    },
     /// A rejection before the response existed.
     Error(ApiError),
     /// The final Response object (non-streaming HTTP) and its HTTP status.
@@ -170,7 +176,12 @@ impl Relay {
                 if event.terminal {
                     self.stream = None;
                 }
-                RelayItem::Event { event_type: event.event_type, json: event.json, terminal: event.terminal }
+                RelayItem::Event {
+                    event_type: event.event_type,
+                    json: event.json,
+                    terminal: event.terminal,
+                    engine_ttft_us: event.engine_ttft_us,
+                }
             }
             turn_event::Kind::Error(error) => {
                 self.stream = None;
@@ -206,6 +217,7 @@ impl Relay {
             event_type: "response.failed".into(),
             json: event.to_string().into_bytes(),
             terminal: true,
+            engine_ttft_us: 0,
         })
     }
 }

@@ -27,6 +27,7 @@ struct Bucket {
     errors: u64,
     moves: u64,
     first_event_ms: Vec<f32>,
+    router_overhead_ms: Vec<f32>,
 }
 
 #[derive(Default)]
@@ -87,6 +88,9 @@ pub struct StatsSnapshot {
     /// Completed turns per second over the last minute.
     pub turn_rate: f64,
     pub ttft_ms: Percentiles,
+    /// The router's share of the time to first token: the first output delta's time at the
+    /// edge minus the engine's own queue and prefill time for that response.
+    pub router_overhead_ms: Percentiles,
     pub turns_total: u64,
     /// Turns by outcome: ok, error (refused before a response existed), failed, cancelled.
     pub outcomes: BTreeMap<&'static str, u64>,
@@ -125,6 +129,16 @@ impl EdgeStats {
         }
     }
 
+    /// A streamed response's first token reached its client `overhead` later than the engine
+    /// alone took to make it.
+    pub fn router_overhead(&self, overhead: Duration) {
+        let mut inner = self.inner.lock();
+        let bucket = inner.bucket(now_second());
+        if bucket.router_overhead_ms.len() < SAMPLES_PER_SECOND {
+            bucket.router_overhead_ms.push(overhead.as_secs_f32() * 1000.0);
+        }
+    }
+
     /// A turn ended with `outcome` (`ok`, `error`, `failed`, `cancelled`).
     pub fn turn(&self, outcome: &'static str) {
         let mut inner = self.inner.lock();
@@ -155,11 +169,20 @@ impl EdgeStats {
         let now = now_second();
         let inner = self.inner.lock();
         let recent = inner.buckets.iter().filter(|b| b.second + WINDOW > now);
-        let (turns, samples) = recent.fold((0, Vec::new()), |(turns, mut samples), b| {
-            samples.extend_from_slice(&b.first_event_ms);
-            (turns + b.turns, samples)
+        let (turns, samples, overheads) = recent.fold((0, Vec::new(), Vec::new()), |(turns, mut s, mut o), b| {
+            s.extend_from_slice(&b.first_event_ms);
+            o.extend_from_slice(&b.router_overhead_ms);
+            (turns + b.turns, s, o)
         });
-        let samples = sorted(samples);
+        let percentiles = |values: Vec<f32>| {
+            let values = sorted(values);
+            Percentiles {
+                p50: quantile(&values, 0.5),
+                p90: quantile(&values, 0.9),
+                p99: quantile(&values, 0.99),
+                samples: values.len(),
+            }
+        };
         let series = inner
             .buckets
             .iter()
@@ -177,12 +200,8 @@ impl EdgeStats {
             .collect();
         StatsSnapshot {
             turn_rate: turns as f64 / WINDOW as f64,
-            ttft_ms: Percentiles {
-                p50: quantile(&samples, 0.5),
-                p90: quantile(&samples, 0.9),
-                p99: quantile(&samples, 0.99),
-                samples: samples.len(),
-            },
+            ttft_ms: percentiles(samples),
+            router_overhead_ms: percentiles(overheads),
             turns_total: inner.outcomes.values().sum(),
             outcomes: inner.outcomes.clone(),
             worker_errors: inner.worker_errors.clone(),

@@ -105,7 +105,8 @@ pub fn render(view: &Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "workers {}/{} live · shards {}/{} live · {:.1} turns/s · TTFT p50 {} p99 {} · KV cache hits {} · {} session moves",
+        "workers {}/{} live · shards {}/{} live · {:.1} turns/s · TTFT p50 {} p99 {} · router overhead p50 {} p99 {} · \
+         KV cache hits {} · {} session moves",
         live(workers),
         workers.len(),
         live(shards),
@@ -113,6 +114,8 @@ pub fn render(view: &Value) -> String {
         edge["turn_rate"].as_f64().unwrap_or(0.0),
         ms(&edge["ttft_ms"]["p50"]),
         ms(&edge["ttft_ms"]["p99"]),
+        ms(&edge["router_overhead_ms"]["p50"]),
+        ms(&edge["router_overhead_ms"]["p99"]),
         hit_rate,
         num(&edge["moves"]),
     );
@@ -204,7 +207,8 @@ mod tests {
     fn the_view_prints_states_numbers_and_changes() {
         let view = json!({
             "at_ms": 10_000,
-            "edge": {"turn_rate": 2.5, "ttft_ms": {"p50": 12.3, "p99": 80.0}, "moves": 4,
+            "edge": {"turn_rate": 2.5, "ttft_ms": {"p50": 12.3, "p99": 80.0},
+                     "router_overhead_ms": {"p50": 1.4, "p99": 6.0}, "moves": 4,
                      "outcomes": {"ok": 10, "failed": 2}, "worker_errors": {"unavailable": 3}},
             "workers": [
                 {"id": "worker-0", "state": "live", "sessions": 7, "in_flight": 1, "edge_sessions": 1,
@@ -218,6 +222,7 @@ mod tests {
         });
         let text = render(&view);
         assert!(text.contains("workers 1/2 live"), "{text}");
+        assert!(text.contains("router overhead p50 1 ms p99 6 ms"), "{text}");
         assert!(text.contains("2.5 turns/s") && text.contains("p50 12 ms") && text.contains("75.0%"), "{text}");
         assert!(text.lines().any(|l| l.contains("worker-1") && l.contains("ejected") && l.contains(" - ")), "{text}");
         assert!(text.lines().any(|l| l.contains("worker-0") && l.contains(" 7 ")), "{text}");

@@ -216,7 +216,8 @@ async fn pump_sse(
             },
         };
         let frame = match item {
-            RelayItem::Event { event_type, json, terminal } => {
+            RelayItem::Event { event_type, json, terminal, engine_ttft_us } => {
+                guard.relayed(&event_type, engine_ttft_us);
                 if terminal {
                     guard.set_outcome(if event_type == "response.failed" { Outcome::Failed } else { Outcome::Ok });
                 }
@@ -364,6 +365,7 @@ mod tests {
             event_type: "response.output_text.delta".into(),
             json: br#"{"type":"response.output_text.delta","delta":"x"}"#.to_vec(),
             terminal: false,
+            engine_ttft_us: 0,
         }
     }
 

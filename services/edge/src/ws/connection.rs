@@ -304,7 +304,8 @@ async fn run_create(
             while let Some(item) = relay.next().await {
                 guard.first_event();
                 let text = match item {
-                    RelayItem::Event { json, event_type, terminal } => {
+                    RelayItem::Event { json, event_type, terminal, engine_ttft_us } => {
+                        guard.relayed(&event_type, engine_ttft_us);
                         if terminal {
                             let failed = event_type == "response.failed";
                             guard.set_outcome(if failed { Outcome::Failed } else { Outcome::Ok });

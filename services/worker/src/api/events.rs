@@ -39,11 +39,19 @@ pub struct Emitter {
     final_only: bool,
     pending: Option<PendingDelta>,
     sent_any: bool,
+    /// The engine's time to first token, sent on the terminal event (see [`Self::engine_ttft`]).
+    engine_ttft_us: u64,
 }
 
 impl Emitter {
     pub fn new(sink: TurnSink, stream_id: Option<String>, final_only: bool) -> Self {
-        Emitter { sink, sequence: 0, stream_id, final_only, pending: None, sent_any: false }
+        Emitter { sink, sequence: 0, stream_id, final_only, pending: None, sent_any: false, engine_ttft_us: 0 }
+    }
+
+    /// The engine's own time to the first token (queue + prefill) of this response, carried by
+    /// the terminal event so the edge can tell the router's share of the client's TTFT.
+    pub fn engine_ttft(&mut self, elapsed: std::time::Duration) {
+        self.engine_ttft_us = elapsed.as_micros() as u64;
     }
 
     /// Whether any event of this response has been sent (after that, failures are events).
@@ -76,7 +84,13 @@ impl Emitter {
         }
         let Value::Object(fields) = fields else { unreachable!("event fields are an object") };
         let json = self.serialize(event_type, fields);
-        self.send(turn_event::Kind::Event(Event { event_type: event_type.into(), json, terminal: false })).await
+        self.send(turn_event::Kind::Event(Event {
+            event_type: event_type.into(),
+            json,
+            terminal: false,
+            engine_ttft_us: 0,
+        }))
+        .await
     }
 
     /// Sends the terminal event; in final-only mode, the Response object with `status`.
@@ -89,7 +103,14 @@ impl Emitter {
         let mut fields = Map::new();
         fields.insert("response".into(), response);
         let json = self.serialize(event_type, fields);
-        self.send(turn_event::Kind::Event(Event { event_type: event_type.into(), json, terminal: true })).await
+        let engine_ttft_us = self.engine_ttft_us;
+        self.send(turn_event::Kind::Event(Event {
+            event_type: event_type.into(),
+            json,
+            terminal: true,
+            engine_ttft_us,
+        }))
+        .await
     }
 
     /// Queues a text delta, sending it at once unless the outgoing queue is full.
@@ -144,7 +165,7 @@ impl Emitter {
         };
         let Value::Object(fields) = fields else { unreachable!() };
         let json = self.serialize(event_type, fields);
-        let event = Event { event_type: event_type.into(), json, terminal: false };
+        let event = Event { event_type: event_type.into(), json, terminal: false, engine_ttft_us: 0 };
         self.send(turn_event::Kind::Event(event)).await
     }
 }

@@ -165,6 +165,9 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
     }
     let shard_usage = finished.usage.unwrap_or_default();
     let timings = finished.timings.unwrap_or_default();
+    if !completion.is_empty() {
+        emitter.engine_ttft(std::time::Duration::from_micros(timings.queue_us + timings.prefill_us));
+    }
     let prompt_tokens =
         if shard_usage.prompt_tokens > 0 { shard_usage.prompt_tokens } else { prepared_prompt_len(&prepared) };
     let response = template.snapshot(status, |object| {
