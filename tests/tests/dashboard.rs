@@ -18,9 +18,9 @@ use tether_tests::process::{Process, tether_bin};
 use tether_tests::wait;
 use tokio_util::sync::CancellationToken;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_status_view_needs_the_admin_key_and_the_page_loads_nothing_from_outside() {
-    let cluster = Cluster::builder()
+/// Two workers and a shard behind an edge with API keys (tenant `alpha`) and an admin key.
+async fn keyed_cluster() -> Cluster {
+    Cluster::builder()
         .workers(2)
         .shards(1)
         .edge_config(|c| {
@@ -29,7 +29,12 @@ async fn the_status_view_needs_the_admin_key_and_the_page_loads_nothing_from_out
             c.admin_key = Some(AdminKey("sk-operator".into()));
         })
         .start()
-        .await;
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_view_needs_the_admin_key_and_the_page_loads_nothing_from_outside() {
+    let cluster = keyed_cluster().await;
     let http = reqwest::Client::new();
     let url = format!("{}/v1/cluster/status", cluster.url());
     assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
@@ -199,16 +204,7 @@ async fn the_dashboard_shows_a_killed_worker_ejected_and_its_sessions_moving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_keys_the_page_asks_for_the_admin_key_and_keeps_it_for_the_tab() {
     let Some(browser) = Browser::start().await else { return };
-    let cluster = Cluster::builder()
-        .workers(2)
-        .shards(1)
-        .edge_config(|c| {
-            c.auth = AuthMode::Keys;
-            c.api_keys = [("sk-alpha".to_owned(), "alpha".to_owned())].into();
-            c.admin_key = Some(AdminKey("sk-operator".into()));
-        })
-        .start()
-        .await;
+    let cluster = keyed_cluster().await;
     let page = browser.open(&format!("{}/dashboard", cluster.url())).await;
     wait::until(Duration::from_secs(20), "the page asks for the admin key", || async {
         let asks = page.eval("getComputedStyle(document.getElementById('keyform')).display !== 'none'").await;

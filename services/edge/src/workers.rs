@@ -2,18 +2,23 @@
 //! channels) on the ring every edge computes identically, and bounded-load placement of new
 //! sessions.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tether_common::SessionKey;
 use tether_common::discovery::{Discovery, Members, NodeKind};
+use tether_common::error_code::ErrorClass;
 use tether_common::nodes::NodeSet;
 use tether_common::tls::Tls;
-use tether_proto::worker::v1::ListModelsRequest;
 use tether_proto::worker::v1::worker_client::WorkerClient;
+use tether_proto::worker::v1::{ApiError, ListModelsRequest, ResponseBody, response_body};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+/// How many workers a read-only call tries: the key's owner, then the next owners.
+const READ_ATTEMPTS: usize = 3;
 
 /// A worker as the edge calls it.
 #[derive(Clone)]
@@ -91,6 +96,32 @@ impl WorkerPool {
     /// Every member with this edge's handle and whether it is live (not ejected).
     pub fn handles(&self) -> Vec<(WorkerHandle, bool)> {
         self.nodes.all().into_iter().map(|(_, handle, live)| (handle, live)).collect()
+    }
+
+    /// Asks the owner of `key` a question that changes nothing (a listing, a token count): a
+    /// worker that is gone or refuses (it drains) is ejected and the next owner asked, which
+    /// pulls a moved chain as a retrieve does. `None` when the worker had nothing to say.
+    pub async fn ask<F, Fut>(&self, key: SessionKey, call: F) -> Result<Option<response_body::Kind>, ApiError>
+    where
+        F: Fn(WorkerClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<ResponseBody>, tonic::Status>>,
+    {
+        let mut last = crate::error::unavailable(ErrorClass::Unavailable);
+        for _ in 0..READ_ATTEMPTS {
+            let Some(worker) = self.owner(key) else { break };
+            match call(worker.client.clone()).await {
+                Ok(reply) => return Ok(reply.into_inner().kind),
+                Err(status) => {
+                    let class = ErrorClass::from_status(&status);
+                    last = crate::error::unavailable(class);
+                    if !class.is_retryable() {
+                        break;
+                    }
+                    self.eject(&worker);
+                }
+            }
+        }
+        Err(last)
     }
 
     /// Takes a worker that refused or broke a call out of this edge's ring.

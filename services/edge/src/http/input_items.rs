@@ -7,17 +7,15 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use tether_common::{ErrorClass, ResponseId};
+use tether_common::ResponseId;
 use tether_proto::worker::v1::{ApiError, ListInputItemsRequest, ResponseRef, response_body};
 
-use crate::error::{api_error, http_error, invalid, unavailable};
+use crate::error::{api_error, http_error, invalid};
 use crate::http::responses::with_request_id;
 use crate::state::{EdgeState, request_id};
 
 const DEFAULT_LIMIT: u32 = 20;
 const MAX_LIMIT: u32 = 100;
-/// How many workers a listing tries: the owner and, after ejecting it, the next owners.
-const ATTEMPTS: usize = 3;
 
 /// The page a client asked for.
 #[derive(Debug, PartialEq, Eq)]
@@ -94,28 +92,22 @@ async fn list_inner(
         ascending: page.ascending,
         after: page.after,
     };
-    // A listing changes nothing: a worker that is gone is ejected and the next owner asked
-    // (it pulls the chain from the replica holder).
-    let mut last = unavailable(ErrorClass::Unavailable);
-    for _ in 0..ATTEMPTS {
-        let Some(worker) = state.workers.owner(parsed.session_key()) else { break };
-        match worker.client.clone().list_input_items(request.clone()).await.map(|reply| reply.into_inner().kind) {
-            Ok(Some(response_body::Kind::Json(json))) => {
-                return ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response();
-            }
-            Ok(Some(response_body::Kind::Error(error))) => return http_error(&error),
-            Ok(None) => return http_error(&not_found(id)),
-            Err(status) => {
-                let class = ErrorClass::from_status(&status);
-                last = unavailable(class);
-                if !class.is_retryable() {
-                    break;
-                }
-                state.workers.eject(&worker);
-            }
+    // A listing changes nothing: a worker that is gone is skipped for the next owner.
+    let reply = state
+        .workers
+        .ask(parsed.session_key(), |mut client| {
+            let request = request.clone();
+            async move { client.list_input_items(request).await }
+        })
+        .await;
+    match reply {
+        Ok(Some(response_body::Kind::Json(json))) => {
+            ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response()
         }
+        Ok(Some(response_body::Kind::Error(error))) => http_error(&error),
+        Ok(None) => http_error(&not_found(id)),
+        Err(error) => http_error(&error),
     }
-    http_error(&last)
 }
 
 #[cfg(test)]

@@ -15,9 +15,6 @@ use crate::error::{http_error, unavailable};
 use crate::http::responses::{read_body, with_request_id};
 use crate::state::{EdgeState, request_id};
 
-/// How many workers a count tries: the owner and, after ejecting it, the next owners.
-const ATTEMPTS: usize = 3;
-
 pub async fn count(State(state): State<EdgeState>, request: Request) -> Response {
     let request_id = request_id();
     let response = count_inner(&state, request, &request_id).await;
@@ -65,22 +62,16 @@ async fn count_inner(state: &EdgeState, request: Request, request_id: &str) -> R
 /// owner asked. Counting changes nothing, so asking again is always safe.
 async fn ask(state: &EdgeState, turn: TurnRequest) -> Result<Vec<u8>, ApiError> {
     let key = tether_common::SessionKey(turn.session);
-    let mut last = unavailable(ErrorClass::Unavailable);
-    for _ in 0..ATTEMPTS {
-        let Some(worker) = state.workers.owner(key) else { break };
-        match worker.client.clone().count_input_tokens(turn.clone()).await.map(|reply| reply.into_inner().kind) {
-            Ok(Some(response_body::Kind::Json(json))) => return Ok(json),
-            Ok(Some(response_body::Kind::Error(error))) => return Err(error),
-            Ok(None) => return Err(unavailable(ErrorClass::Internal)),
-            Err(status) => {
-                let class = ErrorClass::from_status(&status);
-                last = unavailable(class);
-                if !class.is_retryable() {
-                    break;
-                }
-                state.workers.eject(&worker);
-            }
-        }
+    let reply = state
+        .workers
+        .ask(key, |mut client| {
+            let turn = turn.clone();
+            async move { client.count_input_tokens(turn).await }
+        })
+        .await?;
+    match reply {
+        Some(response_body::Kind::Json(json)) => Ok(json),
+        Some(response_body::Kind::Error(error)) => Err(error),
+        None => Err(unavailable(ErrorClass::Internal)),
     }
-    Err(last)
 }
