@@ -94,3 +94,29 @@ fn strict_mode_fills_every_property_and_recursion_ends() {
         assert!(synthesize(&tree, seed, true).to_string().len() < 64 * 1024);
     }
 }
+
+/// A client's schema is data: values it demands that are exponentially large (nested or
+/// recursive `minItems`, an `allOf` of self-references) or patterns that match only huge strings
+/// are cut short, so a request cannot make the shard spend unbounded memory or time.
+#[test]
+fn schema_bombs_are_bounded() {
+    let bombs = [
+        // 64^40 values if followed: a recursive array with 64 items at every level.
+        serde_json::json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}}, "required": ["a"],
+            "$defs": {"n": {"type": "array", "minItems": 64, "items": {"$ref": "#/$defs/n"}}}}),
+        // 2^16 merges if followed: every resolution doubles.
+        serde_json::json!({"$defs": {"n": {"allOf": [{"$ref": "#/$defs/n"}, {"$ref": "#/$defs/n"}]}},
+            "$ref": "#/$defs/n"}),
+        // A string of 5,000 characters (past the sampling cap), 64 times over.
+        serde_json::json!({"type": "array", "minItems": 64, "items": {"type": "string", "pattern": "^a{5000}$"}}),
+    ];
+    for bomb in bombs {
+        let started = std::time::Instant::now();
+        let contract = Contract::compile(&bomb, true).expect("a valid schema");
+        let value = contract.value(7);
+        let bytes = value.to_string().len();
+        assert!(bytes < 1 << 20, "{bytes} bytes for {bomb}");
+        // Generous for a debug build on a loaded machine; unbounded it runs out of memory.
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?} for {bomb}", started.elapsed());
+    }
+}

@@ -23,6 +23,11 @@ const MAX_DEPTH: u32 = 40;
 const MAX_REF_HOPS: u32 = 16;
 /// Seeds a [`Contract`] tries before it settles for a value the validator refused.
 const ATTEMPTS: u64 = 24;
+/// Schema nodes one synthesis may visit (values built plus references and `allOf`s resolved).
+/// A client's schema is data: nested or recursive `minItems` (64^depth values) or an `allOf`
+/// of self-references must not turn into unbounded memory and CPU in the shard. Past the
+/// budget every value is `null`, which the validator then refuses.
+const NODE_BUDGET: u32 = 4_096;
 
 /// A schema a value must validate against, with its compiled validator.
 pub struct Contract {
@@ -44,8 +49,10 @@ impl Contract {
         let mut candidate = Value::Null;
         for attempt in 0..ATTEMPTS {
             let seed = if attempt == 0 { seed } else { mix(seed, 0x5eed ^ attempt) };
-            candidate = synthesize(&self.schema, seed, self.strict);
-            if self.validator.is_valid(&candidate) {
+            let (value, spent) = synthesize_bounded(&self.schema, seed, self.strict);
+            candidate = value;
+            // A schema that outgrew the node budget outgrows it for every seed: stop here.
+            if spent || self.validator.is_valid(&candidate) {
                 return candidate;
             }
         }
@@ -61,17 +68,33 @@ impl Contract {
 /// Builds a value for `schema` from `seed` (best effort: [`Contract::value`] checks it).
 /// `strict` is OpenAI's strict mode: every declared property is present.
 pub fn synthesize(schema: &Value, seed: u64, strict: bool) -> Value {
-    Synthesizer { root: schema, strict }.value(schema, seed, 0)
+    synthesize_bounded(schema, seed, strict).0
+}
+
+/// [`synthesize`], and whether the node budget ran out (the value is then cut short).
+fn synthesize_bounded(schema: &Value, seed: u64, strict: bool) -> (Value, bool) {
+    let synthesizer = Synthesizer { root: schema, strict, budget: std::cell::Cell::new(NODE_BUDGET) };
+    let value = synthesizer.value(schema, seed, 0);
+    (value, synthesizer.budget.get() == 0)
 }
 
 struct Synthesizer<'a> {
     root: &'a Value,
     strict: bool,
+    /// Nodes left to visit (see [`NODE_BUDGET`]).
+    budget: std::cell::Cell<u32>,
 }
 
 impl Synthesizer<'_> {
+    /// Takes one node from the budget; false once it is spent.
+    fn spend(&self) -> bool {
+        let left = self.budget.get();
+        self.budget.set(left.saturating_sub(1));
+        left > 0
+    }
+
     fn value(&self, schema: &Value, seed: u64, depth: u32) -> Value {
-        if depth > MAX_DEPTH {
+        if depth > MAX_DEPTH || !self.spend() {
             return Value::Null;
         }
         match schema {
@@ -85,6 +108,9 @@ impl Synthesizer<'_> {
     /// Resolves `$ref` and merges `allOf` into one schema.
     fn flatten(&self, schema: &Map<String, Value>, hops: u32) -> Map<String, Value> {
         let mut out = schema.clone();
+        if !self.spend() {
+            return out;
+        }
         if let Some(Value::String(reference)) = out.remove("$ref")
             && hops < MAX_REF_HOPS
             && let Some(Value::Object(target)) = self.resolve(&reference)

@@ -15,6 +15,8 @@ use regex_syntax::hir::{Capture, Class, ClassUnicode, ClassUnicodeRange, Hir, Hi
 const SAMPLES: u64 = 32;
 /// Compiled patterns kept per thread (cleared when full): a schema's patterns recur.
 const CACHED_PATTERNS: usize = 128;
+/// The longest match a sampled pattern may need, in bytes (a string's `minLength` cap is 4,096).
+const MAX_PATTERN_LEN: usize = 4_096;
 
 /// A pattern's checker and its samplers, by repetition bound.
 struct Compiled {
@@ -37,6 +39,14 @@ fn compiled(pattern: &str) -> Option<Rc<Compiled>> {
         }
         let compiled = regex::Regex::new(pattern).ok().and_then(|check| {
             let hir = regex_syntax::ParserBuilder::new().build().parse(pattern).ok()?;
+            // A pattern whose shortest match, or bounded longest one, is long (`a{1000000}`)
+            // would make every sample that long: fall back to plain words instead.
+            let properties = hir.properties();
+            if properties.minimum_len().unwrap_or(0) > MAX_PATTERN_LEN
+                || properties.maximum_len().is_some_and(|max| max > MAX_PATTERN_LEN)
+            {
+                return None;
+            }
             Some(Rc::new(Compiled { check, hir: printable(hir) }))
         });
         cache.insert(pattern.to_owned(), compiled.clone());
