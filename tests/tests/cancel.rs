@@ -10,6 +10,7 @@ use tether_edge::config::AuthMode;
 use tether_proto::shard::v1::InfoRequest;
 use tether_proto::shard::v1::shard_client::ShardClient;
 use tether_tests::client::{WsClient, cached_tokens, final_response};
+use tether_tests::scrape::metric_sum;
 use tether_tests::{Cluster, wait};
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -28,15 +29,6 @@ async fn slow_cluster(edge: impl FnOnce(&mut tether_edge::EdgeConfig)) -> Cluste
 
 fn long_turn() -> Value {
     json!({"input": "tell me everything", "metadata": {"tether_sim_output_tokens": "5000"}})
-}
-
-/// The sum of a metric over its label sets, from the edge's `/metrics`.
-async fn metric_sum(base: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
-    text.lines()
-        .filter(|line| line.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 async fn wait_idle(cluster: &Cluster) {

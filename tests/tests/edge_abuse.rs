@@ -8,6 +8,7 @@ use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tether_edge::config::AuthMode;
 use tether_tests::client::{Received, WsClient, final_response};
+use tether_tests::scrape::metric_sum;
 use tether_tests::{Cluster, wait};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,15 +22,6 @@ const LIMIT: Duration = Duration::from_secs(10);
 fn two_tenants(config: &mut tether_edge::EdgeConfig) {
     config.auth = AuthMode::Keys;
     config.api_keys = [("sk-alpha".to_owned(), "alpha".to_owned()), ("sk-beta".to_owned(), "beta".to_owned())].into();
-}
-
-/// The sum of a metric over its label sets, from the edge's `/metrics`.
-async fn metric_sum(base: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
-    text.lines()
-        .filter(|line| line.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 async fn wait_in_flight_zero(base: &str) {

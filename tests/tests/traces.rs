@@ -12,6 +12,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest
 use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::{Value, json};
+use tether_common::trace::{TURN_SPAN, TURN_STAGES};
 use tether_tests::client::{WsClient, final_response};
 use tether_tests::{Cluster, wait};
 
@@ -99,26 +100,6 @@ impl Collector {
     }
 }
 
-/// Every stage a plain turn passes through, on all three services.
-const EXPECTED: &[&str] = &[
-    "edge.turn",
-    "edge.admission",
-    "edge.placement",
-    "edge.relay",
-    "worker.turn",
-    "worker.parse",
-    "worker.resolve",
-    "worker.validate",
-    "worker.safety",
-    "worker.render",
-    "worker.infer",
-    "worker.replicate",
-    "shard.generate",
-    "shard.queue",
-    "shard.prefill",
-    "shard.decode",
-];
-
 fn one<'a>(spans: &'a [Received], name: &str) -> &'a Received {
     let matching: Vec<&Received> = spans.iter().filter(|span| span.name == name).collect();
     assert_eq!(matching.len(), 1, "one {name} span in the trace: {spans:#?}");
@@ -136,7 +117,8 @@ async fn complete_trace(
         let spans = collector.trace(trace_id);
         async move {
             let names: Vec<&str> = spans.iter().map(|span| span.name.as_str()).collect();
-            if EXPECTED.iter().all(|name| names.contains(name)) {
+            let expected = std::iter::once(&TURN_SPAN).chain(&TURN_STAGES);
+            if expected.into_iter().all(|name| names.contains(name)) {
                 return Some(spans);
             }
             let _ = tokio::task::spawn_blocking(move || telemetry.flush()).await;
@@ -151,7 +133,7 @@ async fn complete_trace(
 fn assert_parentage(spans: &[Received]) {
     let by_id: HashMap<&str, &Received> = spans.iter().map(|span| (span.span_id.as_str(), span)).collect();
     let parent = |span: &Received| by_id.get(span.parent_span_id.as_str()).map(|p| p.name.as_str());
-    let edge_turn = one(spans, "edge.turn");
+    let edge_turn = one(spans, TURN_SPAN);
     for name in ["edge.admission", "edge.placement", "edge.relay"] {
         assert_eq!(parent(one(spans, name)), Some("edge.turn"), "{name} under edge.turn");
     }
@@ -200,7 +182,7 @@ async fn each_turn_is_one_trace_across_edge_worker_and_shard() {
     assert_eq!(response["x_tether"]["trace_id"], client_trace, "the response quotes its trace id");
     let spans = complete_trace(&collector, &telemetry, client_trace).await;
     assert_parentage(&spans);
-    let edge_turn = one(&spans, "edge.turn");
+    let edge_turn = one(&spans, TURN_SPAN);
     assert_eq!(edge_turn.parent_span_id, client_span, "the client's span is the parent of edge.turn");
     assert_eq!(edge_turn.attributes["transport"], "http");
 
@@ -225,7 +207,7 @@ async fn each_turn_is_one_trace_across_edge_worker_and_shard() {
     for (trace_id, _) in &trace_ids {
         let spans = complete_trace(&collector, &telemetry, trace_id).await;
         assert_parentage(&spans);
-        let edge_turn = one(&spans, "edge.turn");
+        let edge_turn = one(&spans, TURN_SPAN);
         assert_eq!(edge_turn.parent_span_id, "", "a socket turn's edge.turn is the trace's root");
         assert_eq!(edge_turn.links, vec![(upgrade_trace.to_owned(), upgrade_span.to_owned())]);
         assert_eq!(edge_turn.attributes["transport"], "websocket");

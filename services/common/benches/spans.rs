@@ -14,28 +14,10 @@ use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-const STAGES: [&str; 15] = [
-    "edge.admission",
-    "edge.placement",
-    "edge.relay",
-    "worker.turn",
-    "worker.parse",
-    "worker.resolve",
-    "worker.validate",
-    "worker.safety",
-    "worker.render",
-    "worker.infer",
-    "worker.replicate",
-    "shard.generate",
-    "shard.queue",
-    "shard.prefill",
-    "shard.decode",
-];
-
 fn turn() {
     let turn = tracing::info_span!("edge.turn", transport = "http", request_id = "req_0123456789abcdef");
     let _turn = turn.enter();
-    for name in STAGES {
+    for name in tether_common::trace::TURN_STAGES {
         let stage = tracing::info_span!("stage", otel.name = name, tokens = 26u64);
         let _stage = stage.enter();
         black_box(tether_common::trace::request(()));

@@ -19,6 +19,29 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// The W3C header a client may send to make a turn part of its own trace.
 pub const TRACEPARENT: &str = "traceparent";
 
+/// The span a turn opens at the edge, the root of its trace (or a child of the client's).
+pub const TURN_SPAN: &str = "edge.turn";
+
+/// The stages under [`TURN_SPAN`] that a plain turn passes through, on all three services, in
+/// the order they start.
+pub const TURN_STAGES: [&str; 15] = [
+    "edge.admission",
+    "edge.placement",
+    "edge.relay",
+    "worker.turn",
+    "worker.parse",
+    "worker.resolve",
+    "worker.validate",
+    "worker.safety",
+    "worker.render",
+    "worker.infer",
+    "worker.replicate",
+    "shard.generate",
+    "shard.queue",
+    "shard.prefill",
+    "shard.decode",
+];
+
 /// The trace context a client sent in its HTTP (or WebSocket upgrade) headers; empty if none.
 pub fn from_headers(headers: &http::HeaderMap) -> Context {
     TraceContextPropagator::new().extract(&Headers(headers))

@@ -98,9 +98,9 @@ impl WorkerPool {
         self.nodes.all().into_iter().map(|(_, handle, live)| (handle, live)).collect()
     }
 
-    /// Asks the owner of `key` a question that changes nothing (a listing, a token count): a
-    /// worker that is gone or refuses (it drains) is ejected and the next owner asked, which
-    /// pulls a moved chain as a retrieve does. `None` when the worker had nothing to say.
+    /// Asks the owner of `key` a call that is safe to repeat (a retrieve, a listing, a token
+    /// count, a delete): a worker that is gone or refuses (it drains) is ejected and the next
+    /// owner asked, which pulls a moved chain. `None` when the worker had nothing to say.
     pub async fn ask<F, Fut>(&self, key: SessionKey, call: F) -> Result<Option<response_body::Kind>, ApiError>
     where
         F: Fn(WorkerClient<Channel>) -> Fut,

@@ -264,7 +264,7 @@ fn not_found(id: &str) -> ApiError {
     api_error(404, "invalid_request_error", "not_found", format!("Response with id '{id}' not found."), "")
 }
 
-#[derive(PartialEq)]
+#[derive(Clone, Copy, PartialEq)]
 enum Lookup {
     Get,
     /// `GET ?stream=true`: the stored Response replayed as SSE events.
@@ -284,17 +284,24 @@ async fn lookup(state: &EdgeState, headers: &HeaderMap, id: &str, kind: Lookup) 
         return with_request_id(http_error(&error), &request_id);
     }
     let Some(parsed) = ResponseId::parse(id) else { return with_request_id(http_error(&not_found(id)), &request_id) };
-    let Some(worker) = state.workers.owner(parsed.session_key()) else {
-        return http_error(&unavailable(ErrorClass::Unavailable));
-    };
     let reference = ResponseRef { tenant: tenant.to_string(), response_id: id.to_owned(), local_only: false };
-    let mut client = worker.client.clone();
-    let reply = match kind {
-        Lookup::Get | Lookup::Replay => client.get_response(reference).await,
-        Lookup::Delete => client.delete_response(reference).await,
-        Lookup::Cancel => client.cancel_response(reference).await,
-    };
-    let response = match reply.map(|r| r.into_inner().kind) {
+    // A worker that is gone is skipped (ejected, the next owner asked, which pulls the chain):
+    // reads and deletes are safe to repeat; a cancel reaches the turn only on the worker running
+    // it, and a turn on a worker that is gone is over anyway.
+    let reply = state
+        .workers
+        .ask(parsed.session_key(), |mut client| {
+            let reference = reference.clone();
+            async move {
+                match kind {
+                    Lookup::Get | Lookup::Replay => client.get_response(reference).await,
+                    Lookup::Delete => client.delete_response(reference).await,
+                    Lookup::Cancel => client.cancel_response(reference).await,
+                }
+            }
+        })
+        .await;
+    let response = match reply {
         Ok(Some(response_body::Kind::Json(json))) if kind == Lookup::Replay => {
             match serde_json::from_slice::<serde_json::Value>(&json) {
                 Ok(stored) => (
@@ -313,7 +320,7 @@ async fn lookup(state: &EdgeState, headers: &HeaderMap, id: &str, kind: Lookup) 
         }
         Ok(Some(response_body::Kind::Error(error))) => http_error(&error),
         Ok(None) => http_error(&not_found(id)),
-        Err(status) => http_error(&unavailable(ErrorClass::from_grpc(status.code()))),
+        Err(error) => http_error(&error),
     };
     with_request_id(response, &request_id)
 }
