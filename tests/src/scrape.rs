@@ -6,5 +6,5 @@ pub async fn metric_sum(base: &str, name: &str) -> f64 {
     text.lines()
         .filter(|line| line.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |sum, value| sum + value)
 }

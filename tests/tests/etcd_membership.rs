@@ -34,11 +34,16 @@ async fn until_ids(members: &watch::Receiver<Members>, expected: &[&str], limit:
     until(limit, &format!("members {expected:?}"), || async { (ids(members) == expected).then_some(()) }).await;
 }
 
-/// Reads the gauge `tether_membership_stale_seconds{kind=...}` from the process's recorder.
-fn stale_gauge(kind: NodeKind) -> Option<f64> {
+/// Reads the series `name{kind=...}` from the process's recorder.
+fn kind_metric(name: &str, kind: NodeKind) -> Option<f64> {
     let text = tether_common::telemetry::prometheus().render();
-    let prefix = format!("tether_membership_stale_seconds{{kind=\"{}\"}} ", kind.as_str());
+    let prefix = format!("{name}{{kind=\"{}\"}} ", kind.as_str());
     text.lines().find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
+}
+
+/// Reads the gauge `tether_membership_stale_seconds{kind=...}`.
+fn stale_gauge(kind: NodeKind) -> Option<f64> {
+    kind_metric("tether_membership_stale_seconds", kind)
 }
 
 #[tokio::test]
@@ -173,7 +178,11 @@ async fn a_paused_etcd_keeps_members_and_lease_then_expires_the_lease() {
     .await;
     // A paused etcd keeps its lease clocks running (unlike a restart): s1's lease expired during
     // the pause, so etcd deletes it and answers the next renewal with TTL 0, which fences s1.
-    until_ids(&shards, &[], Duration::from_secs(6)).await;
+    // The watcher holds that departure for the grace that follows etcd's resumption (all leases
+    // go at once then, and the nodes register again), then drops s1, which did not come back.
+    until_ids(&shards, &[], Duration::from_secs(8)).await;
+    let held = kind_metric("tether_membership_held_departures_total", NodeKind::Shard);
+    assert_eq!(held, Some(1.0), "s1's departure was held");
     within(Duration::from_secs(4), "lost once etcd reports the lease gone", lost.cancelled()).await;
     registration.revoke().await;
 }

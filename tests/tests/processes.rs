@@ -349,6 +349,57 @@ async fn etcd_down_for_30_seconds_costs_no_turn() {
     check_histories(&logs);
 }
 
+/// etcd frozen (SIGSTOP) for three lease TTLs under load: it keeps its lease clocks running, so
+/// when it resumes it revokes every lease at once. The nodes that kept running register again
+/// without fencing, and the edge holds the departures it sees come with the resumption (whether
+/// it sees any depends on whether its first listing after the freeze comes before the workers
+/// registered again): no turn fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_frozen_past_the_lease_ttl_fences_nobody() {
+    let _serial = SERIAL.lock().await;
+    let cluster = ProcessCluster::start("etcd-freeze").await;
+    let stop = CancellationToken::new();
+    let agents = start_agents(cluster.ws_url(), 6, stop.clone());
+    run_turns(&cluster.edge, 30, "turns before the freeze").await;
+    tracing::info!("--- SIGSTOP etcd for 6 s (3 lease TTLs)");
+    cluster.etcd.pause();
+    // The freeze itself lasts 6 s (a scenario length, not a wait for some state).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    cluster.etcd.resume();
+    let reregistered = |node: &Process, fenced: &'static str| {
+        let url = node.url();
+        async move {
+            let text = reqwest::get(format!("{url}/metrics")).await.ok()?.text().await.ok()?;
+            let label = format!("fenced=\"{fenced}\"");
+            Some(
+                text.lines()
+                    .filter(|l| l.starts_with("tether_membership_reregistrations_total") && l.contains(&label))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>(),
+            )
+        }
+    };
+    for worker in &cluster.workers {
+        wait::until(
+            Duration::from_secs(20),
+            &format!("{} registered again after etcd resumed", worker.name),
+            || async { (reregistered(worker, "false").await? >= 1.0).then_some(()) },
+        )
+        .await;
+    }
+    run_turns(&cluster.edge, 60, "turns after etcd resumed").await;
+    stop.cancel();
+    let logs = agents.await.unwrap();
+    let (turns, failures, lost) = summary(&logs);
+    let held = tether_tests::scrape::metric_sum(&cluster.edge.url(), "tether_membership_held_departures_total").await;
+    println!("etcd freeze: {turns} turns, {failures} failed, {lost} lost; the edge held {held} departures");
+    for worker in &cluster.workers {
+        assert_eq!(reregistered(worker, "true").await, Some(0.0), "{} was never fenced", worker.name);
+    }
+    assert_eq!((failures, lost), (0, 0), "{:?}", logs.iter().flat_map(|l| &l.failures).collect::<Vec<_>>());
+    check_histories(&logs);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_worker_never_makes_two_owners() {
     let _serial = SERIAL.lock().await;

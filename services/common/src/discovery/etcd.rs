@@ -16,6 +16,14 @@
 //!
 //! A quiet prefix produces no watch traffic and a paused etcd keeps its TCP connection open, so
 //! the watch asks for a progress notification every second and treats silence as a broken watch.
+//!
+//! An etcd that was frozen (SIGSTOP, a VM pause, a stall past the lease TTL) keeps its lease clocks
+//! running and revokes every lease that expired meanwhile at once when it resumes: every member
+//! disappears together, then registers again within a second (see `membership::hold`). So for
+//! [`RESUME_GRACE`] after the watch hears from etcd again following a silence, a member that
+//! disappears stays published; it goes only if it has not come back by then. A member that is
+//! really gone is dropped [`RESUME_GRACE`] late; the edge's own failure detection (a refused or
+//! broken call ejects the worker) covers that window.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -35,6 +43,8 @@ use super::{BoxFuture, Discovery, DiscoveryError, Member, Members, NodeKind, Reg
 pub const STALE_SECONDS: &str = "tether_membership_stale_seconds";
 /// Members that joined, changed address or left, as seen by a watch, by kind.
 pub const CHANGES_TOTAL: &str = "tether_membership_changes_total";
+/// Disappearances held back because they came with etcd's resumption, by kind.
+pub const HELD_TOTAL: &str = "tether_membership_held_departures_total";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -43,6 +53,10 @@ const REVOKE_TIMEOUT: Duration = Duration::from_secs(1);
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const SILENCE_LIMIT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// After etcd answers again following a silence, disappearances are held this long.
+pub const RESUME_GRACE: Duration = Duration::from_secs(3);
+/// A gap this long between two messages of a live watch counts as a silence.
+const RESUME_GAP: Duration = Duration::from_secs(2);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +123,10 @@ impl EtcdDiscovery {
             "Seconds since the membership watch last heard from etcd"
         );
         metrics::describe_counter!(CHANGES_TOTAL, "Membership changes seen by the watch");
+        metrics::describe_counter!(
+            HELD_TOTAL,
+            "Member departures held back because they came as etcd resumed after a silence"
+        );
         let inner = Inner {
             client,
             root: format!("/tether/{cluster}/"),
@@ -192,6 +210,8 @@ impl Discovery for EtcdDiscovery {
             kind,
             sender,
             heard: heard.clone(),
+            listed_before: false,
+            held: Held::default(),
         };
         let stop = self.inner.stop.clone();
         tokio::spawn(async move {
@@ -323,6 +343,41 @@ struct Follower {
     sender: watch::Sender<Members>,
     /// When etcd last answered this watch: a listing, an event or a progress notification.
     heard: Arc<Mutex<Instant>>,
+    /// Whether a listing succeeded before: a later one follows a broken watch.
+    listed_before: bool,
+    held: Held,
+}
+
+/// Departures that came while etcd was resuming: still published, dropped at their deadline
+/// unless the member registered again first.
+#[derive(Default)]
+struct Held {
+    /// Departures until this instant are held (the grace of the last resumption).
+    until: Option<Instant>,
+    /// Held members and when each is dropped.
+    members: HashMap<String, Instant>,
+}
+
+impl Held {
+    /// Opens a grace period: etcd answers again after a silence.
+    fn resumed(&mut self, kind: NodeKind) {
+        tracing::info!(kind = kind.as_str(), grace = ?RESUME_GRACE, "etcd answers again; holding departures");
+        self.until = Some(Instant::now() + RESUME_GRACE);
+    }
+
+    /// Holds `id`'s departure if a grace period is open; `false` if it should go now.
+    fn hold(&mut self, kind: NodeKind, id: &str) -> bool {
+        let Some(until) = self.until.filter(|until| *until > Instant::now()) else { return false };
+        if self.members.insert(id.to_owned(), until).is_none() {
+            tracing::info!(
+                kind = kind.as_str(),
+                id,
+                "member left as etcd resumed; held until it registers again or the grace ends"
+            );
+            metrics::counter!(HELD_TOTAL, "kind" => kind.as_str()).increment(1);
+        }
+        true
+    }
 }
 
 impl Follower {
@@ -348,24 +403,35 @@ impl Follower {
         }
     }
 
-    /// Replaces the published members with a fresh listing; returns its revision.
+    /// Replaces the published members with a fresh listing; returns its revision. A listing
+    /// after a broken watch is a resumption: members it lacks are held, not dropped.
     async fn list(&mut self) -> Result<i64, WatchBroken> {
         let request = self.client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()));
         let response = timeout(REQUEST_TIMEOUT, request).await.map_err(|_| WatchBroken::Silent(REQUEST_TIMEOUT))??;
         let revision = response.header().ok_or(WatchBroken::NoHeader)?.revision();
         *self.heard.lock() = Instant::now();
-        let listed: BTreeMap<String, Member> = response
+        if std::mem::replace(&mut self.listed_before, true) {
+            self.held.resumed(self.kind);
+        }
+        let mut listed: BTreeMap<String, Member> = response
             .kvs()
             .iter()
             .filter_map(|kv| parse_member(&self.prefix, kv.key(), kv.value()))
             .map(|member| (member.id.clone(), member))
             .collect();
+        let (kind, held) = (self.kind, &mut self.held);
         let mut changes = 0;
         self.sender.send_if_modified(|members| {
+            held.members.retain(|id, _| !listed.contains_key(id));
+            for (id, member) in members.iter() {
+                if !listed.contains_key(id) && held.hold(kind, id) {
+                    listed.insert(id.clone(), member.clone());
+                }
+            }
             changes = listed.iter().filter(|(id, member)| members.get(*id) != Some(member)).count()
                 + members.keys().filter(|id| !listed.contains_key(*id)).count();
             if changes > 0 {
-                tracing::info!(kind = self.kind.as_str(), members = listed.len(), changes, "membership listed");
+                tracing::info!(kind = kind.as_str(), members = listed.len(), changes, "membership listed");
                 *members = Arc::new(listed);
             }
             changes > 0
@@ -391,6 +457,7 @@ impl Follower {
                     if last_heard.elapsed() > SILENCE_LIMIT {
                         return WatchBroken::Silent(SILENCE_LIMIT);
                     }
+                    self.release_held();
                     if let Err(error) = requests.request_progress().await {
                         return error.into();
                     }
@@ -405,6 +472,9 @@ impl Follower {
                         let reason = response.cancel_reason().to_owned();
                         return WatchBroken::Cancelled { compact_revision: response.compact_revision(), reason };
                     }
+                    if last_heard.elapsed() > RESUME_GAP {
+                        self.held.resumed(self.kind);
+                    }
                     last_heard = Instant::now();
                     *self.heard.lock() = last_heard;
                     self.apply(response.events());
@@ -413,8 +483,9 @@ impl Follower {
         }
     }
 
-    fn apply(&self, events: &[Event]) {
-        let (kind, mut changes) = (self.kind.as_str(), 0u64);
+    fn apply(&mut self, events: &[Event]) {
+        let (kind, mut changes) = (self.kind, 0u64);
+        let held = &mut self.held;
         self.sender.send_if_modified(|members| {
             for event in events {
                 let Some(kv) = event.kv() else { continue };
@@ -423,14 +494,15 @@ impl Follower {
                 match event.event_type() {
                     EventType::Put => {
                         let Some(member) = parse_member(&self.prefix, kv.key(), kv.value()) else { continue };
+                        held.members.remove(id.as_ref());
                         if members.get(id.as_ref()) != Some(&member) {
-                            tracing::info!(kind, id = %id, addr = member.addr, "member joined");
+                            tracing::info!(kind = kind.as_str(), id = %id, addr = member.addr, "member joined");
                             Arc::make_mut(members).insert(member.id.clone(), member);
                             changes += 1;
                         }
                     }
-                    EventType::Delete if members.contains_key(id.as_ref()) => {
-                        tracing::info!(kind, id = %id, "member left");
+                    EventType::Delete if members.contains_key(id.as_ref()) && !held.hold(kind, &id) => {
+                        tracing::info!(kind = kind.as_str(), id = %id, "member left");
                         Arc::make_mut(members).remove(id.as_ref());
                         changes += 1;
                     }
@@ -439,7 +511,31 @@ impl Follower {
             }
             changes > 0
         });
-        metrics::counter!(CHANGES_TOTAL, "kind" => kind).increment(changes);
+        metrics::counter!(CHANGES_TOTAL, "kind" => kind.as_str()).increment(changes);
+    }
+
+    /// Drops the held members whose grace ended without a new registration.
+    fn release_held(&mut self) {
+        let now = Instant::now();
+        let (kind, held) = (self.kind, &mut self.held);
+        if held.members.values().all(|deadline| *deadline > now) {
+            return;
+        }
+        let mut changes = 0u64;
+        self.sender.send_if_modified(|members| {
+            held.members.retain(|id, deadline| {
+                if *deadline > now {
+                    return true;
+                }
+                if Arc::make_mut(members).remove(id).is_some() {
+                    tracing::info!(kind = kind.as_str(), id = %id, "held member did not come back; left");
+                    changes += 1;
+                }
+                false
+            });
+            changes > 0
+        });
+        metrics::counter!(CHANGES_TOTAL, "kind" => kind.as_str()).increment(changes);
     }
 }
 

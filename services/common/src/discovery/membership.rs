@@ -1,9 +1,19 @@
 //! Holding a node's membership for as long as it serves: register (retrying while the store
-//! is unavailable), mark the node ready, and on a lost lease fence it (not ready, so it takes
-//! no work) until it has registered again. Workers and shards share this loop.
+//! is unavailable), mark the node ready, and on a lost lease register again. Workers and shards
+//! share this loop.
+//!
+//! A lease is lost in two ways that call for different answers. This node was cut off (frozen
+//! by SIGSTOP or a VM pause past its TTL): the cluster moved its sessions meanwhile, so it is
+//! fenced (not ready, no work) until registered again and its own view lists it. Or etcd itself
+//! stalled past the TTL (frozen, overloaded) and revoked every lease at once when it resumed:
+//! fencing then would fence every node of the cluster together, so a node that kept running
+//! registers again at once and serves on, and is fenced only if that fails within
+//! [`REREGISTER_GRACE`]. The node tells the two apart by watching its own clock: a timer that
+//! fires [`PAUSE_LIMIT`] late means this process did not run.
 
 use std::time::Duration;
 
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::{Discovery, Member, NodeKind, Registration};
@@ -11,6 +21,44 @@ use crate::ops::Readiness;
 
 /// How long a registered node waits to see itself in its own view before it serves anyway.
 const OWN_VIEW_WAIT: Duration = Duration::from_secs(5);
+/// A tick this late means the process was frozen.
+const PAUSE_LIMIT: Duration = Duration::from_secs(1);
+/// How often the pause watch ticks.
+const PAUSE_TICK: Duration = Duration::from_millis(100);
+/// How long a freeze counts against the node: longer than any lease TTL worth running with.
+const PAUSE_MEMORY: Duration = Duration::from_secs(60);
+/// A node that kept running while its lease was lost serves on for this long while it
+/// registers again; past it, it is fenced.
+pub const REREGISTER_GRACE: Duration = Duration::from_secs(2);
+
+/// Registrations made again after a lost lease, by kind and whether the node was fenced.
+pub const REREGISTRATIONS_TOTAL: &str = "tether_membership_reregistrations_total";
+
+/// Remembers when this process last did not run for [`PAUSE_LIMIT`] or more.
+struct PauseWatch {
+    last_tick: Instant,
+    paused_at: Option<Instant>,
+}
+
+impl PauseWatch {
+    fn new() -> Self {
+        PauseWatch { last_tick: Instant::now(), paused_at: None }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let gap = now - self.last_tick;
+        if gap >= PAUSE_LIMIT {
+            tracing::warn!(?gap, "this process did not run for a while (frozen?)");
+            self.paused_at = Some(now);
+        }
+        self.last_tick = now;
+    }
+
+    fn paused_recently(&self) -> bool {
+        self.paused_at.is_some_and(|at| at.elapsed() < PAUSE_MEMORY)
+    }
+}
 
 /// Waits (bounded) until this process's view of `kind` lists `member`. The view is filled by a
 /// listing that runs while the node registers; once it lists the node itself it is at least as
@@ -64,19 +112,40 @@ pub async fn hold(
     shutdown: &CancellationToken,
     on_fenced: impl Fn(),
 ) -> Option<Registration> {
+    metrics::describe_counter!(
+        REREGISTRATIONS_TOTAL,
+        "Registrations made again after a lost lease, by whether the node was fenced meanwhile"
+    );
     let mut registration = register_with_retry(discovery, kind, member, shutdown).await?;
     seen_in_own_view(discovery, kind, member, shutdown).await;
     serving.set(true);
     tracing::info!(kind = kind.as_str(), node = %member.id, addr = %member.addr, "serving");
+    let mut pause = PauseWatch::new();
+    let mut ticks = tokio::time::interval(PAUSE_TICK);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let lost = registration.lost();
         tokio::select! {
+            // First: after a freeze the late tick must be seen before the lost lease it caused.
+            biased;
+            _ = ticks.tick() => pause.tick(),
             _ = shutdown.cancelled() => return Some(registration),
             _ = lost.cancelled() => {
+                pause.tick();
+                if !pause.paused_recently() {
+                    let again = register_with_retry(discovery, kind, member, shutdown);
+                    if let Ok(again) = tokio::time::timeout(REREGISTER_GRACE, again).await {
+                        registration = again?;
+                        metrics::counter!(REREGISTRATIONS_TOTAL, "kind" => kind.as_str(), "fenced" => "false").increment(1);
+                        tracing::warn!(kind = kind.as_str(), node = %member.id, "membership lease lost while this node ran (an etcd stall); registered again without fencing");
+                        continue;
+                    }
+                }
                 serving.set(false);
                 on_fenced();
                 tracing::warn!(kind = kind.as_str(), node = %member.id, "membership lease lost; fenced until registered again");
                 registration = register_with_retry(discovery, kind, member, shutdown).await?;
+                metrics::counter!(REREGISTRATIONS_TOTAL, "kind" => kind.as_str(), "fenced" => "true").increment(1);
                 seen_in_own_view(discovery, kind, member, shutdown).await;
                 serving.set(true);
                 tracing::info!(kind = kind.as_str(), node = %member.id, "registered again; serving");
