@@ -6,14 +6,17 @@
 # `checkov.io/skipN` annotation), and check tether's own rules (check_manifests.py: the drain
 # fits the termination grace period, probes on /readyz and /healthz); then the autoscaling
 # metric end to end (HPA -> prometheus-adapter rule -> a metric tether declares -> scrape job).
+# With a tether binary, also per overlay: the binary takes every tether container's command line
+# and TETHER_* variables, and the init containers' `tether certs` issue what the pods load.
 #
-# Usage: deploy/kubernetes/validate.sh [--out DIR] [--kubernetes-version X.Y.Z] [OVERLAY...]
+# Usage: deploy/kubernetes/validate.sh [--out DIR] [--kubernetes-version X.Y.Z] [--tether-bin PATH] [OVERLAY...]
 #   OVERLAY         directories under overlays/ (default: all of them)
 #   --out DIR       keep the rendered manifests and reports there (default: a temp dir)
+#   --tether-bin    the tether binary (default: $TETHER_BIN; without one those tests are skipped)
 # Tools: kubectl on PATH; kubernetes-validate, checkov and PyYAML from .venv-kubernetes (made by
 # .ci/run from requirements.txt), or from $TETHER_K8S_VENV, or on PATH.
-# Prints "ok NAME" or "FAIL NAME" per test and ends with "kubernetes: N passed, N failed";
-# exits 1 if any failed.
+# Prints "ok NAME", "skip NAME" or "FAIL NAME" per test and ends with
+# "kubernetes: N passed, N failed, N skipped"; exits 1 if any failed.
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,7 +28,8 @@ while (($#)); do
     case $1 in
         --out) OUT=${2:?}; shift 2 ;;
         --kubernetes-version) K8S_VERSION=${2:?}; shift 2 ;;
-        -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --tether-bin) TETHER_BIN=${2:?}; shift 2 ;;
+        -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "validate.sh: unknown option $1" >&2; exit 64 ;;
         *) OVERLAYS+=("$1"); shift ;;
     esac
@@ -48,13 +52,18 @@ export BC_SKIP_MAPPING=TRUE CHECKOV_RUN_SCA_PACKAGE_SCAN_V2=false
 
 passed=0
 failed=0
+skipped=0
 failures=()
-test_step() { # test_step NAME LOG CMD...: one test; its output goes to LOG, shown on failure
-    local name=$1 log=$2
+test_step() { # test_step NAME LOG CMD...: one test; its output goes to LOG, shown on failure;
+    local name=$1 log=$2 rc=0 # exit status 3 means skipped
     shift 2
-    if "$@" >"$log" 2>&1; then
+    "$@" >"$log" 2>&1 || rc=$?
+    if ((rc == 0)); then
         echo "ok   $name"
         passed=$((passed + 1))
+    elif ((rc == 3)); then
+        echo "skip $name: $(tail -n 1 "$log")"
+        skipped=$((skipped + 1))
     else
         echo "FAIL $name ($*)"
         sed 's/^/    /' "$log" | tail -n 40
@@ -69,7 +78,7 @@ for tool in kubectl kubernetes-validate checkov python; do
 done
 if ((${#missing[@]})); then
     echo "validate.sh: missing ${missing[*]} (kubectl on PATH; the rest: .ci/run makes .venv-kubernetes)"
-    echo "kubernetes: 0 passed, 1 failed"
+    echo "kubernetes: 0 passed, 1 failed, 0 skipped"
     exit 1
 fi
 echo "validate.sh: $(kubectl version --client 2>/dev/null | tr '\n' ' '), kubernetes-validate $(kubernetes-validate --version 2>&1 | tail -n 1), checkov $(checkov --version 2>&1 | tail -n 1); schemas of Kubernetes $K8S_VERSION"
@@ -87,6 +96,12 @@ for overlay in "${OVERLAYS[@]}"; do
         kubernetes-validate --strict --quiet --kubernetes-version "$K8S_VERSION" "$rendered"
     cp "$rendered" "$OUT/checkov/$overlay.yaml"
     test_step "invariants-$overlay" "$OUT/$overlay.invariants.log" python "$HERE/check_manifests.py" pods "$rendered"
+    if [[ -n ${TETHER_BIN:-} ]]; then
+        test_step "binary-$overlay" "$OUT/$overlay.binary.log" python "$HERE/check_manifests.py" binary "$TETHER_BIN" "$rendered"
+    else
+        echo "skip binary-$overlay: no tether binary (--tether-bin or TETHER_BIN)"
+        skipped=$((skipped + 1))
+    fi
 done
 # One checkov run over every rendered overlay (its start-up alone takes ~10 s), then one test per
 # overlay: no failed check, and at least one passed (a scan that checked nothing proves nothing).
@@ -117,5 +132,5 @@ test_step "autoscaling-metric" "$OUT/metrics.log" python "$HERE/check_manifests.
 if ((${#failures[@]})); then
     echo "validate.sh: FAILED: ${failures[*]} (rendered manifests and logs: $OUT)"
 fi
-echo "kubernetes: $passed passed, $failed failed"
+echo "kubernetes: $passed passed, $failed failed, $skipped skipped"
 ((failed == 0))
