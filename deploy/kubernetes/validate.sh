@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Validates the Kubernetes manifests offline: for each overlay, render it with kustomize
 # (`kubectl kustomize`, kustomize v5), check every object against the Kubernetes API schemas in
-# strict mode (kubernetes-validate, unknown fields are errors), lint it for security
+# strict mode (kubernetes-validate, unknown fields are errors) of the oldest Kubernetes the
+# manifests support (1.30: the edge's preStop `sleep`) and of a current one (1.37), lint it for security
 # (checkov: zero failed checks; a skipped check carries its reason in the manifest's
 # `checkov.io/skipN` annotation), and check tether's own rules (check_manifests.py: the drain
 # fits the termination grace period, probes on /readyz and /healthz); then the autoscaling
@@ -9,10 +10,11 @@
 # With a tether binary, also per overlay: the binary takes every tether container's command line
 # and TETHER_* variables, and the init containers' `tether certs` issue what the pods load.
 #
-# Usage: deploy/kubernetes/validate.sh [--out DIR] [--kubernetes-version X.Y.Z] [--tether-bin PATH] [OVERLAY...]
+# Usage: deploy/kubernetes/validate.sh [--out DIR] [--kubernetes-versions "X.Y.Z ..."] [--tether-bin PATH] [OVERLAY...]
 #   OVERLAY         directories under overlays/ (default: all of them)
 #   --out DIR       keep the rendered manifests and reports there (default: a temp dir)
 #   --tether-bin    the tether binary (default: $TETHER_BIN; without one those tests are skipped)
+#   --kubernetes-versions   the schema versions (default: "1.30.0 1.37.0")
 # Tools: kubectl on PATH; kubernetes-validate, checkov and PyYAML from .venv-kubernetes (made by
 # .ci/run from requirements.txt), or from $TETHER_K8S_VENV, or on PATH.
 # Prints "ok NAME", "skip NAME" or "FAIL NAME" per test and ends with
@@ -21,15 +23,15 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-K8S_VERSION=1.37.0
+K8S_VERSIONS="1.30.0 1.37.0"
 OUT=""
 OVERLAYS=()
 while (($#)); do
     case $1 in
         --out) OUT=${2:?}; shift 2 ;;
-        --kubernetes-version) K8S_VERSION=${2:?}; shift 2 ;;
+        --kubernetes-versions) K8S_VERSIONS=${2:?}; shift 2 ;;
         --tether-bin) TETHER_BIN=${2:?}; shift 2 ;;
-        -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "validate.sh: unknown option $1" >&2; exit 64 ;;
         *) OVERLAYS+=("$1"); shift ;;
     esac
@@ -81,7 +83,7 @@ if ((${#missing[@]})); then
     echo "kubernetes: 0 passed, 1 failed, 0 skipped"
     exit 1
 fi
-echo "validate.sh: $(kubectl version --client 2>/dev/null | tr '\n' ' '), kubernetes-validate $(kubernetes-validate --version 2>&1 | tail -n 1), checkov $(checkov --version 2>&1 | tail -n 1); schemas of Kubernetes $K8S_VERSION"
+echo "validate.sh: $(kubectl version --client 2>/dev/null | tr '\n' ' '), kubernetes-validate $(kubernetes-validate --version 2>&1 | tail -n 1), checkov $(checkov --version 2>&1 | tail -n 1); schemas of Kubernetes $K8S_VERSIONS"
 
 for overlay in "${OVERLAYS[@]}"; do
     rendered=$OUT/$overlay.yaml
@@ -92,8 +94,10 @@ for overlay in "${OVERLAYS[@]}"; do
     fi
     test_step "render-$overlay" "$OUT/$overlay.render.log" sh -c 'kubectl kustomize "$1" >"$2"' _ "$HERE/overlays/$overlay" "$rendered"
     [[ -s $rendered ]] || continue
-    test_step "schema-$overlay" "$OUT/$overlay.schema.log" \
-        kubernetes-validate --strict --quiet --kubernetes-version "$K8S_VERSION" "$rendered"
+    # shellcheck disable=SC2016  # expanded by the inner shell
+    test_step "schema-$overlay" "$OUT/$overlay.schema.log" sh -c \
+        'f=$1; shift; for v; do kubernetes-validate --strict --quiet --kubernetes-version "$v" "$f" || exit 1; done' \
+        _ "$rendered" $K8S_VERSIONS
     cp "$rendered" "$OUT/checkov/$overlay.yaml"
     test_step "invariants-$overlay" "$OUT/$overlay.invariants.log" python "$HERE/check_manifests.py" pods "$rendered"
     if [[ -n ${TETHER_BIN:-} ]]; then
