@@ -8,6 +8,7 @@ pub mod client;
 pub mod cluster;
 pub mod etcd;
 pub mod process;
+pub mod scale;
 pub mod wait;
 
 pub use cluster::{Cluster, ClusterBuilder, Node};

@@ -36,7 +36,7 @@ pub async fn replicate(ctx: &WorkerContext, state: &ResponseState) {
             }
             break;
         };
-        match send_batch_retrying(client, &[state]).await {
+        match send_batch_retrying(client, &[state], m::PATH_REPLICATE).await {
             Ok(whole) => {
                 metrics::counter!(m::REPLICATION_FULL).increment(whole as u64);
                 metrics::histogram!(m::REPLICATION_SECONDS).record(started.elapsed().as_secs_f64());
@@ -81,6 +81,7 @@ pub async fn pull(ctx: &WorkerContext, tenant: &str, id: &str, key: u64) -> Opti
         match state {
             Some(state) => {
                 tracing::debug!(peer = %peer, response = id, "pulled a moved chain");
+                metrics::counter!(m::PULLED_BYTES).increment(prost::Message::encoded_len(&state) as u64);
                 return adopt(ctx, tenant, state);
             }
             None => asked.push(format!("{peer}:absent")),
@@ -163,7 +164,7 @@ async fn hand_off_chunk(ctx: &WorkerContext, chunk: &[Arc<ResponseState>]) -> us
             break;
         }
         for (peer, (client, batch)) in batches {
-            match send_batch_retrying(client, &batch).await {
+            match send_batch_retrying(client, &batch, m::PATH_HAND_OFF).await {
                 Ok(_) => moved += batch.len(),
                 Err(error) => {
                     tracing::warn!(peer = %peer, states = batch.len(), ?error, "hand-off batch refused; trying the next owner");
@@ -191,32 +192,38 @@ enum SendError {
 /// was in flight while this process was frozen (SIGSTOP, a long pause) times out the moment it
 /// resumes. Neither is the peer's fault, and ejecting it would leave the state without a
 /// replica. A peer that is really gone fails the second call too.
-async fn send_batch_retrying(client: PeerClient, batch: &[&ResponseState]) -> Result<usize, SendError> {
-    match send_batch(client.clone(), batch).await {
-        Err(SendError::TimedOut) => send_batch(client, batch).await,
+async fn send_batch_retrying(
+    client: PeerClient,
+    batch: &[&ResponseState],
+    path: &'static str,
+) -> Result<usize, SendError> {
+    match send_batch(client.clone(), batch, path).await {
+        Err(SendError::TimedOut) => send_batch(client, batch, path).await,
         Err(SendError::Status(status)) if ErrorClass::from_status(&status) == ErrorClass::Disconnected => {
-            send_batch(client, batch).await
+            send_batch(client, batch, path).await
         }
         result => result,
     }
 }
 
 /// Replicates `batch` as deltas, then whole the states whose parent the peer lacks; returns
-/// how many went whole.
-async fn send_batch(client: PeerClient, batch: &[&ResponseState]) -> Result<usize, SendError> {
-    let missing = send(client.clone(), batch.iter().map(|state| to_proto(state, true)).collect()).await?;
+/// how many went whole. `path` labels the bytes sent (replication or hand-off).
+async fn send_batch(client: PeerClient, batch: &[&ResponseState], path: &'static str) -> Result<usize, SendError> {
+    let missing = send(client.clone(), batch.iter().map(|state| to_proto(state, true)).collect(), path).await?;
     let whole: Vec<SessionState> =
         batch.iter().filter(|state| missing.contains(&state.id)).map(|state| to_proto(state, false)).collect();
     let count = whole.len();
     if count > 0 {
-        send(client, whole).await?;
+        send(client, whole, path).await?;
     }
     Ok(count)
 }
 
 /// One `Replicate` call; returns the ids the peer needs whole.
-async fn send(mut client: PeerClient, states: Vec<SessionState>) -> Result<Vec<String>, SendError> {
-    match tokio::time::timeout(CALL_LIMIT, client.replicate(ReplicateRequest { states })).await {
+async fn send(mut client: PeerClient, states: Vec<SessionState>, path: &'static str) -> Result<Vec<String>, SendError> {
+    let request = ReplicateRequest { states };
+    metrics::counter!(m::STATE_BYTES_SENT, "path" => path).increment(prost::Message::encoded_len(&request) as u64);
+    match tokio::time::timeout(CALL_LIMIT, client.replicate(request)).await {
         Ok(Ok(reply)) => Ok(reply.into_inner().need_full),
         Ok(Err(status)) => Err(SendError::Status(status)),
         Err(_) => Err(SendError::TimedOut),
