@@ -48,7 +48,8 @@ fn main() -> std::process::ExitCode {
     };
     println!("{config:?}");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    match runtime.block_on(tokio::time::timeout(args.time_limit, tether_tests::scale::run(&config, &Change::ALL))) {
+    let run = async { tokio::time::timeout(args.time_limit, tether_tests::scale::run(&config, &Change::ALL)).await };
+    match runtime.block_on(run) {
         Ok(report) => {
             println!("{report}");
             std::process::ExitCode::SUCCESS
