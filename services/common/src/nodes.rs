@@ -191,8 +191,14 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
     /// nodes asks it too (last: an ejected node may also be frozen or dead).
     pub fn holders(&self, key: u64, limit: usize, skip: &str) -> Vec<(Arc<str>, C)> {
         let view = self.view.read();
-        let live = view.ring.walk(key).into_iter().filter(|id| *id != skip).take(limit);
-        let ejected = view.members.walk(key).into_iter().filter(|id| *id != skip && view.ejected.contains(*id));
+        let live = view.ring.walk(key).filter(|id| *id != skip).take(limit);
+        // The walk is lazy: it stops once every ejected member was met (at once when none is).
+        let ejected = view
+            .members
+            .walk(key)
+            .filter(|id| view.ejected.contains(*id))
+            .take(view.ejected.len())
+            .filter(|id| *id != skip);
         live.chain(ejected)
             .filter_map(|id| view.nodes.get(id).map(|(_, client)| (Arc::from(id), client.clone())))
             .collect()

@@ -197,6 +197,14 @@ async fn apply(
     let owners_before = measure::owners(members_before.iter().map(String::as_str), &keys);
     let served_before: Vec<std::sync::Arc<str>> = sessions.iter().map(|s| s.worker.clone()).collect();
     let watchers = cluster.discovery.watchers(kind);
+    // What the leaving worker holds: a drain should hand all of it off.
+    let leaving_held = match change {
+        Change::WorkerDrain | Change::WorkerKill => match cluster.workers.iter().find(|n| n.kind.is_some()) {
+            Some(node) => measure::held(&[node.url()]).await,
+            None => None,
+        },
+        _ => None,
+    };
     let counters = Counters::read();
 
     let done = AtomicUsize::new(0);
@@ -210,10 +218,10 @@ async fn apply(
         })
         .await;
         let started = Instant::now();
-        let node = make_change(cluster, change, at).await;
-        (node, started.elapsed())
+        let made = make_change(cluster, change, at).await;
+        (made, started.elapsed())
     };
-    let (failures_during, (node, change_took)) = tokio::join!(during, make);
+    let (failures_during, ((node, outcome), change_took)) = tokio::join!(during, make);
     let after_started = Instant::now();
     let failures_after = driver.sweep(sessions, active, config.concurrency, &AtomicUsize::new(0)).await;
     let sweep_after = after_started.elapsed();
@@ -257,18 +265,21 @@ async fn apply(
         failed_after: failures_after,
         counters,
         watchers,
+        leaving_held,
+        outcome,
         change_took,
         sweep_after,
     }
 }
 
-/// Makes one change; returns the id of the node that joined or left.
-async fn make_change(cluster: &mut Cluster, change: Change, at: usize) -> String {
+/// Makes one change; returns the id of the node that joined or left, and the error a
+/// draining node exited with (e.g. its shutdown deadline passed).
+async fn make_change(cluster: &mut Cluster, change: Change, at: usize) -> (String, Option<String>) {
     match change {
         Change::WorkerJoin => {
             let id = format!("worker-joined-{at}");
             cluster.add_worker(&id).await;
-            id
+            (id, None)
         }
         Change::WorkerDrain | Change::WorkerKill => {
             let position = cluster.workers.iter().position(|n| n.kind.is_some()).expect("a worker to remove");
@@ -277,26 +288,25 @@ async fn make_change(cluster: &mut Cluster, change: Change, at: usize) -> String
             let discovery = cluster.discovery.clone();
             let kill = change == Change::WorkerKill;
             // Joining a node's thread blocks: off the runtime, so the sweep goes on meanwhile.
-            tokio::task::spawn_blocking(move || {
+            let outcome = tokio::task::spawn_blocking(move || {
                 if kill {
                     node.kill();
                     // The lease of a killed worker expires (etcd would after its TTL).
                     discovery.expire(NodeKind::Worker, &node.id);
+                    Ok(())
                 } else {
-                    node.shutdown().expect("the worker drains cleanly");
+                    node.shutdown()
                 }
             })
             .await
             .expect("the change ran");
-            id
+            (id, outcome.err())
         }
         Change::ShardDrain => {
             let mut node = cluster.shards.remove(0);
             let id = node.id.clone();
-            tokio::task::spawn_blocking(move || node.shutdown().expect("the shard drains cleanly"))
-                .await
-                .expect("the change ran");
-            id
+            let outcome = tokio::task::spawn_blocking(move || node.shutdown()).await.expect("the change ran");
+            (id, outcome.err())
         }
     }
 }

@@ -31,6 +31,10 @@ pub struct ChangeReport {
     pub counters: Counters,
     /// Receivers woken by the change in the membership store.
     pub watchers: usize,
+    /// What the leaving worker held before it left.
+    pub leaving_held: Option<Held>,
+    /// The error the leaving node exited with (`None`: it drained cleanly or was killed).
+    pub outcome: Option<String>,
     /// From the start of the change until it was done (a drain: until the node had exited).
     pub change_took: Duration,
     /// The sweep after the change: every active session meets its new owner.
@@ -131,13 +135,13 @@ impl fmt::Display for ScaleReport {
         writeln!(f)?;
         writeln!(
             f,
-            "| change | members | moved (1/N) | foreign moves | active moved | misrouted | failed turns | pulls (bytes) | handed off (bytes) | replicated bytes | watchers / applied | change took | sweep after |"
+            "| change | members | moved (1/N) | foreign moves | active moved | misrouted | failed turns | pulls (bytes) | leaver held | handed off (bytes) | replicated bytes | watchers / applied | change took | sweep after |"
         )?;
-        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
         for r in &self.changes {
             writeln!(
                 f,
-                "| {} | {}→{} | {:.2}% ({:.2}%) | {} | {}/{} | {} | {} | {} ({}) | {} ({}) | {} | {} / {} | {:.2} s | {:.2} s |",
+                "| {} | {}→{} | {:.2}% ({:.2}%) | {} | {}/{} | {} | {} | {} ({}) | {} | {} ({}) | {} | {} / {} | {:.2} s{} | {:.2} s |",
                 r.change.name(),
                 r.members_before,
                 r.members_after,
@@ -150,12 +154,18 @@ impl fmt::Display for ScaleReport {
                 r.failed(),
                 r.counters.pulls,
                 kib(r.counters.pulled_bytes),
+                r.leaving_held.map_or("–".to_owned(), |held| format!(
+                    "{} ({})",
+                    held.entries,
+                    kib(held.bytes as f64)
+                )),
                 r.counters.handed_off,
                 kib(r.counters.hand_off_bytes),
                 kib(r.counters.replicate_bytes),
                 r.watchers,
                 r.counters.membership_applied,
                 r.change_took.as_secs_f64(),
+                r.outcome.as_ref().map_or(String::new(), |error| format!(" ({error})")),
                 r.sweep_after.as_secs_f64(),
             )?;
         }
