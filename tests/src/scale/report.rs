@@ -126,10 +126,10 @@ impl fmt::Display for ScaleReport {
         for (nodes, build, lookup, memory) in &self.ring_build {
             writeln!(
                 f,
-                "| ring of {nodes} nodes × 128 vnodes: build, holders lookup, memory | {:.2} ms, {:.1} µs, {:.1} MiB |",
+                "| ring of {nodes} nodes × 128 vnodes: build, holders lookup, memory | {:.2} ms, {:.1} µs, {} |",
                 build.as_secs_f64() * 1e3,
                 lookup.as_secs_f64() * 1e6,
-                *memory as f64 / 1048576.0
+                kib(*memory as f64)
             )?;
         }
         writeln!(f)?;
