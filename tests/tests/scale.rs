@@ -10,7 +10,7 @@ use tether_tests::wait;
 fn assert_consistent_moves(report: &ScaleReport, change: Change) {
     let r = report.change(change).expect("the change ran");
     // Consistent hashing moves only the keys of the node that joined or left: about 1/N of
-    // all sessions (128 virtual nodes per worker keep one node's share within ±35% at 17).
+    // all sessions; the window leaves room for how unevenly 128 virtual nodes split the ring.
     assert_eq!(r.foreign_moves, 0, "{}: sessions moved between workers the change did not touch", change.name());
     let ratio = r.moved_fraction() / r.expected_fraction;
     assert!(
