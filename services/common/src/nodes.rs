@@ -38,7 +38,8 @@ struct View<C> {
 impl<C> View<C> {
     fn rebuild(&mut self) {
         let live: Vec<&str> = self.nodes.keys().filter(|id| !self.ejected.contains(*id)).map(String::as_str).collect();
-        self.ring = Ring::new(live, DEFAULT_VNODES);
+        // From the previous ring: only a joining node's points are hashed.
+        self.ring = self.ring.rebuilt(live);
     }
 }
 
@@ -121,7 +122,7 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
         let still_members: BTreeSet<String> =
             view.ejected.iter().filter(|id| nodes.contains_key(*id)).cloned().collect();
         view.ejected = still_members;
-        view.members = Ring::new(view.nodes.keys().map(String::as_str), DEFAULT_VNODES);
+        view.members = view.members.rebuilt(view.nodes.keys().map(String::as_str));
         view.rebuild();
         metrics::counter!(MEMBERSHIP_CHANGES, "kind" => self.kind.as_str()).increment(1);
         metrics::gauge!(LIVE_NODES, "kind" => self.kind.as_str()).set(view.ring.len() as f64);

@@ -23,7 +23,7 @@ struct VirtualNode<'a> {
 }
 
 /// A ring of node ids with virtual nodes.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Ring {
     /// `(position, index into names)`, sorted by position.
     points: Vec<(u64, u32)>,
@@ -54,9 +54,43 @@ impl Ring {
                 points.push((hasher.hash_one(VirtualNode { node, replica }), index as u32));
             }
         }
-        // Stable on the position: equal positions keep the order the crate gave them.
-        points.sort_by_key(|(position, _)| *position);
+        // Equal positions keep the order the crate gave them: by node id (the names are sorted).
+        points.sort_by_key(|&(position, index)| (position, index));
         Ring { points, names, vnodes }
+    }
+
+    /// Builds the ring of `nodes` from this one: the points of nodes in both are kept, only a
+    /// joining node's points are hashed, and the two sorted runs are merged. The result equals
+    /// [`Ring::new`] of `nodes` (equal positions are ordered by node id, as there), at the cost
+    /// of a pass over the points instead of hashing and sorting them all.
+    pub fn rebuilt<'a>(&self, nodes: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut names: Vec<String> = nodes.into_iter().map(str::to_owned).collect();
+        names.sort_unstable();
+        names.dedup();
+        let index_of = |name: &str| names.binary_search_by(|n| n.as_str().cmp(name)).ok().map(|i| i as u32);
+        let renumbered: Vec<Option<u32>> = self.names.iter().map(|name| index_of(name)).collect();
+        let kept = self.points.iter().filter_map(|&(position, old)| Some((position, renumbered[old as usize]?)));
+        let hasher = DefaultHashBuilder;
+        let mut joined: Vec<(u64, u32)> = Vec::new();
+        for (index, node) in names.iter().enumerate() {
+            if !self.contains(node) {
+                for replica in 0..self.vnodes {
+                    joined.push((hasher.hash_one(VirtualNode { node, replica }), index as u32));
+                }
+            }
+        }
+        joined.sort_unstable();
+        let mut points = Vec::with_capacity(names.len() * self.vnodes as usize);
+        let mut joined = joined.into_iter().peekable();
+        for point in kept {
+            while let Some(&next) = joined.peek().filter(|next| **next < point) {
+                points.push(next);
+                joined.next();
+            }
+            points.push(point);
+        }
+        points.extend(joined);
+        Ring { points, names, vnodes: self.vnodes }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -225,6 +259,28 @@ mod tests {
             }
         }
         assert!(Ring::new([], 8).walk(1).next().is_none());
+    }
+
+    #[test]
+    fn a_rebuilt_ring_equals_one_built_from_scratch() {
+        let mut nodes: Vec<String> = (0..40).map(|i| format!("worker-{i}")).collect();
+        let mut ring = Ring::new(nodes.iter().map(String::as_str), 32);
+        for step in 0..30 {
+            match step % 3 {
+                0 => nodes.push(format!("joined-{step}")),
+                1 => {
+                    nodes.remove(step % nodes.len());
+                }
+                _ => {
+                    nodes.remove(0);
+                    nodes.push(format!("replaced-{step}"));
+                }
+            }
+            ring = ring.rebuilt(nodes.iter().map(String::as_str));
+            assert_eq!(ring, Ring::new(nodes.iter().map(String::as_str), 32), "after step {step}");
+        }
+        assert!(ring.rebuilt([]).is_empty());
+        assert_eq!(Ring::new([], 32).rebuilt(["a", "b"]), Ring::new(["a", "b"], 32));
     }
 
     #[test]

@@ -120,6 +120,23 @@ pub fn ring_build(nodes: usize) -> Duration {
     times[times.len() / 2]
 }
 
+/// The median time to rebuild a ring of `nodes` workers from the previous one when one joins
+/// (what a node set does per membership change: only the newcomer's points are hashed).
+pub fn ring_rebuild_on_join(nodes: usize) -> Duration {
+    let mut ids: Vec<String> = (0..nodes).map(|i| format!("worker-{i}")).collect();
+    let ring = Ring::new(ids.iter().map(String::as_str), DEFAULT_VNODES);
+    ids.push("worker-joined".to_owned());
+    let mut times: Vec<Duration> = (0..5)
+        .map(|_| {
+            let started = Instant::now();
+            std::hint::black_box(ring.rebuilt(ids.iter().map(String::as_str)));
+            started.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
 /// The mean time to list the first four holders of a key on a ring of `nodes` workers (what
 /// every pull and delete asks before its first call).
 pub fn holders_lookup(nodes: usize) -> Duration {

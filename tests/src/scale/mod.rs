@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tether_common::discovery::NodeKind;
 
 use self::measure::{Counters, Held};
-pub use self::report::{ChangeReport, ScaleReport};
+pub use self::report::{ChangeReport, RingCosts, ScaleReport};
 use self::sessions::{Driver, Session};
 use crate::client::WsClient;
 use crate::cluster::{Cluster, Node};
@@ -135,7 +135,13 @@ pub async fn run(config: &ScaleConfig, changes: &[Change]) -> ScaleReport {
         websocket_bytes,
         ring_build: ring_sizes
             .iter()
-            .map(|&n| (n, measure::ring_build(n), measure::holders_lookup(n), measure::ring_memory(n)))
+            .map(|&n| RingCosts {
+                nodes: n,
+                build: measure::ring_build(n),
+                rebuild_on_join: measure::ring_rebuild_on_join(n),
+                holders_lookup: measure::holders_lookup(n),
+                bytes: measure::ring_memory(n),
+            })
             .collect(),
         changes: reports,
     }
