@@ -160,7 +160,12 @@ pub async fn hand_off(ctx: &WorkerContext) -> usize {
         if by_peer.is_empty() {
             break;
         }
-        let sends = by_peer.into_iter().map(|(peer, (client, states))| hand_off_to(ctx, peer, client, states));
+        // Collected first: a lazy `map` over borrowed states here makes the worker's `serve()`
+        // future not `Send` for every lifetime, which `tokio::spawn` (`tether dev`) needs.
+        let mut sends = Vec::with_capacity(by_peer.len());
+        for (peer, (client, states)) in by_peer {
+            sends.push(hand_off_to(ctx, peer, client, states));
+        }
         let results: Vec<HandOffResult<'_>> =
             futures_util::stream::iter(sends).buffer_unordered(HAND_OFF_PEERS).collect().await;
         for (peer, sent, unsent) in results {
