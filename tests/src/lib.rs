@@ -8,6 +8,7 @@ pub mod client;
 pub mod cluster;
 pub mod etcd;
 pub mod process;
+pub mod scale;
 pub mod scrape;
 pub mod wait;
 

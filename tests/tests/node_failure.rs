@@ -181,7 +181,7 @@ async fn a_state_finds_a_replica_past_two_dead_successors() {
     let (status, head) = post(&http, &cluster.url(), json!({"input": "a chain"})).await;
     assert_eq!(status, 200);
     let key = tether_common::ResponseId::parse(head["id"].as_str().unwrap()).unwrap().session_key().0;
-    let walk: Vec<String> = ring.walk(key).into_iter().map(str::to_owned).collect();
+    let walk: Vec<String> = ring.walk(key).map(str::to_owned).collect();
     assert_eq!(walk[0], worker_of(&head), "the test computes the ring the cluster uses");
     let (owner, dead, last) = (&walk[0], &walk[1..3], &walk[3]);
 

@@ -38,7 +38,8 @@ struct View<C> {
 impl<C> View<C> {
     fn rebuild(&mut self) {
         let live: Vec<&str> = self.nodes.keys().filter(|id| !self.ejected.contains(*id)).map(String::as_str).collect();
-        self.ring = Ring::new(live, DEFAULT_VNODES);
+        // From the previous ring: only a joining node's points are hashed.
+        self.ring = self.ring.rebuilt(live);
     }
 }
 
@@ -121,7 +122,7 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
         let still_members: BTreeSet<String> =
             view.ejected.iter().filter(|id| nodes.contains_key(*id)).cloned().collect();
         view.ejected = still_members;
-        view.members = Ring::new(view.nodes.keys().map(String::as_str), DEFAULT_VNODES);
+        view.members = view.members.rebuilt(view.nodes.keys().map(String::as_str));
         view.rebuild();
         metrics::counter!(MEMBERSHIP_CHANGES, "kind" => self.kind.as_str()).increment(1);
         metrics::gauge!(LIVE_NODES, "kind" => self.kind.as_str()).set(view.ring.len() as f64);
@@ -191,8 +192,14 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
     /// nodes asks it too (last: an ejected node may also be frozen or dead).
     pub fn holders(&self, key: u64, limit: usize, skip: &str) -> Vec<(Arc<str>, C)> {
         let view = self.view.read();
-        let live = view.ring.walk(key).into_iter().filter(|id| *id != skip).take(limit);
-        let ejected = view.members.walk(key).into_iter().filter(|id| *id != skip && view.ejected.contains(*id));
+        let live = view.ring.walk(key).filter(|id| *id != skip).take(limit);
+        // The walk is lazy: it stops once every ejected member was met (at once when none is).
+        let ejected = view
+            .members
+            .walk(key)
+            .filter(|id| view.ejected.contains(*id))
+            .take(view.ejected.len())
+            .filter(|id| *id != skip);
         live.chain(ejected)
             .filter_map(|id| view.nodes.get(id).map(|(_, client)| (Arc::from(id), client.clone())))
             .collect()

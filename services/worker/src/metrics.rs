@@ -19,6 +19,11 @@ pub const REPLICATION_FULL: &str = "tether_worker_replication_full_total";
 pub const REPLICAS_STORED: &str = "tether_worker_replica_batches_total";
 pub const PULLS: &str = "tether_worker_pulls_total";
 pub const HANDED_OFF: &str = "tether_worker_handed_off_total";
+pub const STATE_BYTES_SENT: &str = "tether_worker_state_bytes_sent_total";
+pub const PULLED_BYTES: &str = "tether_worker_pulled_bytes_total";
+/// `path` label values of [`STATE_BYTES_SENT`].
+pub const PATH_REPLICATE: &str = "replicate";
+pub const PATH_HAND_OFF: &str = "hand_off";
 pub const FENCED: &str = "tether_worker_fenced_total";
 
 pub fn describe() {
@@ -48,5 +53,11 @@ pub fn describe() {
     metrics::describe_counter!(REPLICAS_STORED, "Replica batches received");
     metrics::describe_counter!(PULLS, "Chains pulled from their previous owner on a miss");
     metrics::describe_counter!(HANDED_OFF, "States handed to new owners while draining");
+    metrics::describe_counter!(
+        STATE_BYTES_SENT,
+        metrics::Unit::Bytes,
+        "Encoded session state sent to peers, by path (replicate or hand_off)"
+    );
+    metrics::describe_counter!(PULLED_BYTES, metrics::Unit::Bytes, "Encoded session state pulled from peers");
     metrics::describe_counter!(FENCED, "Times the worker lost its lease and stopped taking turns");
 }

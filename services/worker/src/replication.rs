@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use tether_common::ErrorClass;
 use tether_proto::worker::v1::{FetchStateRequest, ReplicateRequest, ResponseRef, SessionState};
 
@@ -36,7 +37,7 @@ pub async fn replicate(ctx: &WorkerContext, state: &ResponseState) {
             }
             break;
         };
-        match send_batch_retrying(client, &[state]).await {
+        match send_batch_retrying(client, &[state], m::PATH_REPLICATE).await {
             Ok(whole) => {
                 metrics::counter!(m::REPLICATION_FULL).increment(whole as u64);
                 metrics::histogram!(m::REPLICATION_SECONDS).record(started.elapsed().as_secs_f64());
@@ -81,6 +82,7 @@ pub async fn pull(ctx: &WorkerContext, tenant: &str, id: &str, key: u64) -> Opti
         match state {
             Some(state) => {
                 tracing::debug!(peer = %peer, response = id, "pulled a moved chain");
+                metrics::counter!(m::PULLED_BYTES).increment(prost::Message::encoded_len(&state) as u64);
                 return adopt(ctx, tenant, state);
             }
             None => asked.push(format!("{peer}:absent")),
@@ -131,45 +133,47 @@ pub fn accept(ctx: &WorkerContext, states: Vec<SessionState>) -> Vec<String> {
     need_full
 }
 
+/// States per hand-off `Replicate` call: bounds one message (a state may be large).
+const HAND_OFF_BATCH: usize = 64;
+/// Peers a draining worker sends to at once.
+const HAND_OFF_PEERS: usize = 8;
+
 /// Hands every stored state over to the worker that owns its key once this one is gone,
 /// oldest first so parents arrive before their children. Bounded by the caller's deadline.
+///
+/// The states are grouped by receiving peer first, then each peer gets its states in
+/// batches of [`HAND_OFF_BATCH`], [`HAND_OFF_PEERS`] peers at a time: the calls grow with the
+/// states held, not with states × peers (grouping each 64 states by peer, as before, made
+/// one call per state once a worker had about as many peers as states per chunk).
 pub async fn hand_off(ctx: &WorkerContext) -> usize {
     let mut states = ctx.cache.stored_states();
     states.sort_by_key(|state| std::cmp::Reverse(state.created.elapsed()));
-    let mut moved = 0;
-    for chunk in states.chunks(64) {
-        moved += hand_off_chunk(ctx, chunk).await;
-    }
-    metrics::counter!(m::HANDED_OFF).increment(moved as u64);
-    ctx.stats.handed_off(moved as u64);
-    moved
-}
-
-/// Sends each state of `chunk` to its next owner. A peer that refuses (it drains too: two
-/// workers stopped at once would otherwise hand states to each other and both leave) or fails
-/// is ejected from this worker's ring, and its batch goes to the owner after it. A chain's
-/// states share one key, so a parent and its children always travel together.
-async fn hand_off_chunk(ctx: &WorkerContext, chunk: &[Arc<ResponseState>]) -> usize {
-    let mut pending: Vec<&ResponseState> = chunk.iter().map(Arc::as_ref).collect();
+    let mut pending: Vec<&ResponseState> = states.iter().map(Arc::as_ref).collect();
     let mut moved = 0;
     for _attempt in 0..HOLDER_ATTEMPTS {
-        let mut batches: HashMap<Arc<str>, (PeerClient, Vec<&ResponseState>)> = HashMap::new();
+        let mut by_peer: HashMap<Arc<str>, (PeerClient, Vec<&ResponseState>)> = HashMap::new();
         for state in pending.drain(..) {
             if let Some((peer, client)) = ctx.peers.previous_owner(state.session.0) {
-                batches.entry(peer).or_insert_with(|| (client, Vec::new())).1.push(state);
+                by_peer.entry(peer).or_insert_with(|| (client, Vec::new())).1.push(state);
             }
         }
-        if batches.is_empty() {
+        if by_peer.is_empty() {
             break;
         }
-        for (peer, (client, batch)) in batches {
-            match send_batch_retrying(client, &batch).await {
-                Ok(_) => moved += batch.len(),
-                Err(error) => {
-                    tracing::warn!(peer = %peer, states = batch.len(), ?error, "hand-off batch refused; trying the next owner");
-                    ctx.peers.nodes.eject(&peer);
-                    pending.extend(batch);
-                }
+        // Collected first: a lazy `map` over borrowed states here makes the worker's `serve()`
+        // future not `Send` for every lifetime, which `tokio::spawn` (`tether dev`) needs.
+        let mut sends = Vec::with_capacity(by_peer.len());
+        for (peer, (client, states)) in by_peer {
+            sends.push(hand_off_to(ctx, peer, client, states));
+        }
+        let results: Vec<HandOffResult<'_>> =
+            futures_util::stream::iter(sends).buffer_unordered(HAND_OFF_PEERS).collect().await;
+        for (peer, sent, unsent) in results {
+            moved += sent;
+            if !unsent.is_empty() {
+                tracing::warn!(peer = %peer, states = unsent.len(), "hand-off refused; trying the next owner");
+                ctx.peers.nodes.eject(&peer);
+                pending.extend(unsent);
             }
         }
     }
@@ -177,6 +181,34 @@ async fn hand_off_chunk(ctx: &WorkerContext, chunk: &[Arc<ResponseState>]) -> us
         tracing::warn!(states = pending.len(), "no owner took these states on hand-off");
     }
     moved
+}
+
+/// A peer, the states it took, and those it did not (from the first refused batch on).
+type HandOffResult<'a> = (Arc<str>, usize, Vec<&'a ResponseState>);
+
+/// Sends `states` to `peer` in order, batch by batch, until one is refused. A peer that
+/// refuses (it drains too: two workers stopped at once would otherwise hand states to each
+/// other and both leave) or fails gets the rest re-addressed to the owner after it. A chain's
+/// states share one key, so a parent and its children always travel together, in order.
+/// Each batch counts as handed off once stored, so a hand-off cut short by the deadline
+/// still shows how far it got.
+async fn hand_off_to<'a>(
+    ctx: &WorkerContext,
+    peer: Arc<str>,
+    client: PeerClient,
+    states: Vec<&'a ResponseState>,
+) -> HandOffResult<'a> {
+    let mut sent = 0;
+    for batch in states.chunks(HAND_OFF_BATCH) {
+        if let Err(error) = send_batch_retrying(client.clone(), batch, m::PATH_HAND_OFF).await {
+            tracing::debug!(peer = %peer, ?error, "hand-off batch refused");
+            return (peer, sent, states[sent..].to_vec());
+        }
+        sent += batch.len();
+        metrics::counter!(m::HANDED_OFF).increment(batch.len() as u64);
+        ctx.stats.handed_off(batch.len() as u64);
+    }
+    (peer, sent, Vec::new())
 }
 
 /// Why a `Replicate` call did not store a batch.
@@ -191,32 +223,38 @@ enum SendError {
 /// was in flight while this process was frozen (SIGSTOP, a long pause) times out the moment it
 /// resumes. Neither is the peer's fault, and ejecting it would leave the state without a
 /// replica. A peer that is really gone fails the second call too.
-async fn send_batch_retrying(client: PeerClient, batch: &[&ResponseState]) -> Result<usize, SendError> {
-    match send_batch(client.clone(), batch).await {
-        Err(SendError::TimedOut) => send_batch(client, batch).await,
+async fn send_batch_retrying(
+    client: PeerClient,
+    batch: &[&ResponseState],
+    path: &'static str,
+) -> Result<usize, SendError> {
+    match send_batch(client.clone(), batch, path).await {
+        Err(SendError::TimedOut) => send_batch(client, batch, path).await,
         Err(SendError::Status(status)) if ErrorClass::from_status(&status) == ErrorClass::Disconnected => {
-            send_batch(client, batch).await
+            send_batch(client, batch, path).await
         }
         result => result,
     }
 }
 
 /// Replicates `batch` as deltas, then whole the states whose parent the peer lacks; returns
-/// how many went whole.
-async fn send_batch(client: PeerClient, batch: &[&ResponseState]) -> Result<usize, SendError> {
-    let missing = send(client.clone(), batch.iter().map(|state| to_proto(state, true)).collect()).await?;
+/// how many went whole. `path` labels the bytes sent (replication or hand-off).
+async fn send_batch(client: PeerClient, batch: &[&ResponseState], path: &'static str) -> Result<usize, SendError> {
+    let missing = send(client.clone(), batch.iter().map(|state| to_proto(state, true)).collect(), path).await?;
     let whole: Vec<SessionState> =
         batch.iter().filter(|state| missing.contains(&state.id)).map(|state| to_proto(state, false)).collect();
     let count = whole.len();
     if count > 0 {
-        send(client, whole).await?;
+        send(client, whole, path).await?;
     }
     Ok(count)
 }
 
 /// One `Replicate` call; returns the ids the peer needs whole.
-async fn send(mut client: PeerClient, states: Vec<SessionState>) -> Result<Vec<String>, SendError> {
-    match tokio::time::timeout(CALL_LIMIT, client.replicate(ReplicateRequest { states })).await {
+async fn send(mut client: PeerClient, states: Vec<SessionState>, path: &'static str) -> Result<Vec<String>, SendError> {
+    let request = ReplicateRequest { states };
+    metrics::counter!(m::STATE_BYTES_SENT, "path" => path).increment(prost::Message::encoded_len(&request) as u64);
+    match tokio::time::timeout(CALL_LIMIT, client.replicate(request)).await {
         Ok(Ok(reply)) => Ok(reply.into_inner().need_full),
         Ok(Err(status)) => Err(SendError::Status(status)),
         Err(_) => Err(SendError::TimedOut),

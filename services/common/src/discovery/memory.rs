@@ -57,6 +57,11 @@ impl MemoryDiscovery {
         });
     }
 
+    /// How many receivers watch `kind`: each is woken once per change of it.
+    pub fn watchers(&self, kind: NodeKind) -> usize {
+        self.inner.state.lock().channel(kind).receiver_count()
+    }
+
     /// Returns the current members of `kind`.
     pub fn members(&self, kind: NodeKind) -> Members {
         self.inner.state.lock().channel(kind).borrow().clone()
