@@ -19,9 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
-use serde_json::Value;
 use tether_common::discovery::BoxFuture;
-use tether_proto::shard::v1::{ToolChoice, ToolSpec};
 use tokio::sync::{mpsc, oneshot};
 
 use self::runner::{Command, Event, Import, OnEvict, Runner, Submission};
@@ -102,7 +100,7 @@ impl Engine for LlamaEngine {
             return Err(ShardError::ContextExceeded { needed: job.prompt_len, capacity: self.config.context_tokens });
         }
         if let Some(spec) = &job.tools {
-            validate_tools(spec)?;
+            super::validate_tools(spec)?;
         }
         Ok(())
     }
@@ -163,21 +161,4 @@ impl Engine for LlamaEngine {
             result.await.map_err(|_| ShardError::Engine("the engine thread stopped".into()))?
         })
     }
-}
-
-/// Checks the tool definitions the prompt carries. The model sees them in its system prompt
-/// (the worker renders them); `tool_choice` cannot force the model, and a call it does not
-/// write is never made up.
-fn validate_tools(spec: &ToolSpec) -> Result<(), ShardError> {
-    if spec.tools_json.trim().is_empty() {
-        return Ok(());
-    }
-    let tools: Vec<Value> =
-        serde_json::from_str(&spec.tools_json).map_err(|e| ShardError::InvalidTools(e.to_string()))?;
-    if ToolChoice::try_from(spec.choice) == Ok(ToolChoice::Function)
-        && !tools.iter().any(|tool| tool.get("name").and_then(Value::as_str) == Some(spec.function.as_str()))
-    {
-        return Err(ShardError::UnknownFunction(spec.function.clone()));
-    }
-    Ok(())
 }

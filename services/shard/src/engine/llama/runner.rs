@@ -541,6 +541,7 @@ impl<'m> Runner<'m> {
             queue: job.queue,
             prefill: first - job.admitted,
             decode: now - first,
+            engine_cached: None,
         });
         let _ = job.events.send(Event::Done(outcome));
     }
