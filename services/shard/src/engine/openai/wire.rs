@@ -110,7 +110,9 @@ pub fn summarize(value: &Value) -> String {
     } else {
         "(no message)".into()
     };
-    message.chars().take(MAX_MESSAGE_CHARS).collect()
+    // llama-cpp-python puts pydantic's errors, `'input': <the prompt>` included, in the message.
+    let kept = ["'input'", "\"input\""].iter().filter_map(|key| message.find(key)).min().unwrap_or(message.len());
+    message[..kept].chars().take(MAX_MESSAGE_CHARS).collect()
 }
 
 #[cfg(test)]
@@ -128,6 +130,9 @@ mod tests {
             json!({"error": {"message": "maximum context length is 2048 tokens", "type": "invalid_request_error"}});
         assert_eq!(error_message(openai.to_string().as_bytes()), "maximum context length is 2048 tokens");
         assert_eq!(error_message(b"<html>"), "(no JSON error body)");
+        let llama_cpp_python = json!({"error": {"message": "4 validation errors:\n  {'type': 'string_type', 'loc': ('body', 'prompt', 'str'), 'msg': 'Input should be a valid string', 'input': [1, 2, 3]}"}});
+        let message = error_message(llama_cpp_python.to_string().as_bytes());
+        assert!(message.ends_with("'msg': 'Input should be a valid string', "), "{message}");
     }
 
     #[test]
