@@ -9,7 +9,7 @@ runs the same workload: SESSIONS conversations of TURNS turns, interleaved turn 
 first message about PROMPT_TOKENS tokens long, each follow-up a short question. Streams over
 HTTP with the official SDK; TTFT is the time to the first `response.output_text.delta`.
 Reports per placement: follow-up TTFT (p50, mean, max), the tokens the engines prefilled for
-follow-ups (from their `prompt eval ... / N tokens` lines) and tether's reported cached tokens.
+follow-ups (from their `prefix-match hit, remaining N prompt tokens to eval` lines) and tether's reported cached tokens.
 
     python loadtest/openai_affinity.py --tether target/release/tether \\
         --model-file .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -36,7 +36,9 @@ from openai import OpenAI
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
-PROMPT_EVAL = re.compile(rb"prompt eval time =\s*[\d.]+ ms /\s*(\d+) tokens")
+# Printed by llama-cpp-python (verbose) at the start of each request that shares a prefix with
+# the replica's previous prompt: M is what the engine prefills.
+PROMPT_EVAL = re.compile(rb"Llama\.generate: \d+ prefix-match hit, remaining (\d+) prompt tokens to eval")
 START_TIMEOUT_S = 120.0
 
 
@@ -75,6 +77,18 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def evals(log: Path) -> list[int]:
     return [int(n) for n in PROMPT_EVAL.findall(log.read_bytes())]
+
+
+def warm_up(url: str) -> None:
+    """One request with the ChatML opening: every later prompt shares a prefix with the
+    replica's last one, so the engine logs how many tokens it prefilled for each."""
+    import json
+    import urllib.request
+
+    body = json.dumps({"model": MODEL, "prompt": "<|im_start|>system\n", "max_tokens": 1}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as reply:
+        assert reply.status == 200
 
 
 def wait_ready(url: str) -> None:
@@ -128,7 +142,7 @@ def run_placement(args: argparse.Namespace, placement: str, upstreams: list[str]
             for session in range(args.sessions):
                 body: dict[str, Any] = {"model": MODEL, "temperature": 0, "max_output_tokens": args.output_tokens}
                 if previous[session] is None:
-                    body["input"] = f"{filler}\nSession {placement}-{session}: summarize note {session}."
+                    body["input"] = f"Session {placement}-{session}.\n{filler}\nSummarize note {session}."
                 else:
                     body["input"] = f"And note {turn * 3 + session}?"
                     body["previous_response_id"] = previous[session]["id"]
@@ -183,6 +197,7 @@ def main() -> int:
                 r"listening on (http://127\.0\.0\.1:\d+)",
                 log,
             )
+            warm_up(url)
             replicas.append((proc, url, log))
         results = [
             run_placement(args, placement, [r[1] for r in replicas], [r[2] for r in replicas], workdir)

@@ -5,7 +5,9 @@ WebSocket: chained turns, a tool loop, and session affinity visible in the engin
 processing (a follow-up on its replica evaluates only its new tokens).
 
 llama-cpp-python keeps only its last prompt's KV and reports no cached tokens; with `verbose`
-it prints, per request, `prompt eval time = ... / N tokens`: N is what the engine prefilled.
+it prints, per request that shares a prefix with its previous prompt, `N prefix-match hit,
+remaining M prompt tokens to eval`: M is what the engine prefilled. Each replica is first
+given a prompt every ChatML prompt starts with, so every later request prints that line.
 
 Runs when `TETHER_LLAMA_MODEL` names the GGUF file (CI sets it after `scripts/fetch-model.sh`)
 and then fails, never skips, if llama-cpp-python (tests/python/engine-requirements.txt) or the
@@ -14,6 +16,7 @@ binary's GGUF vocabulary loader (the `llama` feature) is missing.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -21,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,7 +40,9 @@ MODEL = "smollm2-135m-instruct"
 TIMEOUT_S = 120.0  # one turn on a loaded 2-core machine
 CONTEXT = 2048
 ENGINE_LISTEN = re.compile(r"llama-cpp-server listening on (http://127\.0\.0\.1:\d+)")
-PROMPT_EVAL = re.compile(rb"prompt eval time =\s*[\d.]+ ms /\s*(\d+) tokens")
+# Printed by llama-cpp-python (verbose) at the start of each request that shares a prefix with
+# the replica's previous prompt: M is what the engine prefills.
+PROMPT_EVAL = re.compile(rb"Llama\.generate: \d+ prefix-match hit, remaining (\d+) prompt tokens to eval")
 TOOL = {
     "type": "function",
     "name": "get_weather",
@@ -59,7 +65,7 @@ class Replica:
     stderr_path: Path
 
     def prompt_evals(self) -> list[int]:
-        """Prompt tokens the engine evaluated, one entry per request so far."""
+        """Prompt tokens the engine evaluated, one entry per request since the warm-up."""
         return [int(n) for n in PROMPT_EVAL.findall(self.stderr_path.read_bytes())]
 
 
@@ -91,7 +97,18 @@ def start_replica() -> Replica:
         proc.wait(timeout=10)
         log = Path(stderr.name).read_bytes()[-5000:].decode(errors="replace")
         pytest.fail(f"llama-cpp-server did not start (pip install -r tests/python/engine-requirements.txt)\n{log}")
-    return Replica(url=box[0], proc=proc, stderr_path=Path(stderr.name))
+    replica = Replica(url=box[0], proc=proc, stderr_path=Path(stderr.name))
+    warm_up(replica.url)
+    return replica
+
+
+def warm_up(url: str) -> None:
+    """One request with the ChatML opening, so every later prompt shares a prefix with the
+    replica's last one (and the engine logs how much it reused)."""
+    body = json.dumps({"model": MODEL, "prompt": "<|im_start|>system\n", "max_tokens": 1}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as reply:
+        assert reply.status == 200
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +172,17 @@ def held(response: dict[str, Any]) -> int:
     return response["usage"]["input_tokens"] + response["usage"]["output_tokens"]
 
 
+def served_by(replicas: list[Replica], before: list[int]) -> list[int]:
+    """The replicas that logged a request since `before` (their log lines follow the stream's
+    end by a little: polled, bounded)."""
+    deadline = time.monotonic() + 15.0
+    while True:
+        grown = [i for i, r in enumerate(replicas) if len(r.prompt_evals()) > before[i]]
+        if grown or time.monotonic() > deadline:
+            return grown
+        time.sleep(0.05)  # poll interval; the deadline bounds the wait
+
+
 def assert_real_text(text: str) -> None:
     assert sum(c.isalpha() for c in text) >= 2, f"expected real text, got {text!r}"
     assert "<|im_" not in text, f"chat markup leaked: {text!r}"
@@ -182,7 +210,7 @@ def test_chained_turns_and_a_tool_loop_over_websocket(client: OpenAI) -> None:
         second = turn(ws, previous_response_id=first["id"], input=tool_input, tools=[TOOL], max_output_tokens=32)
         assert second["usage"]["input_tokens_details"]["cached_tokens"] == held(first), second["usage"]
         assert second["usage"]["input_tokens"] > held(first), "the tool output was prefilled"
-        third = turn(ws, previous_response_id=second["id"], input="Is that warm? One word.", max_output_tokens=16)
+        third = turn(ws, previous_response_id=second["id"], input="Is that warm? One word.", tools=[TOOL], max_output_tokens=16)
         assert third["usage"]["input_tokens_details"]["cached_tokens"] == held(second), third["usage"]
         for response in (second, third):
             assert function_calls(response) or output_text(response), response
@@ -194,28 +222,29 @@ def test_a_follow_up_prefills_only_its_new_tokens_on_its_replica(client: OpenAI,
     longest-prefix reuse), while a first turn evaluates the whole prompt."""
     filler = " ".join(f"Note {i}: shard {i % 5} keeps session {i % 7} warm." for i in range(40))
     last_on: dict[int, tuple[dict[str, Any], int]] = {}
+    # New sessions (a WebSocket connection is one; their first words differ, so one shares only
+    # the system prompt with another) until each replica served one. The last first turn a
+    # replica served is the prompt it holds.
+    for index in range(12):
+        with client.responses.connect() as connection:
+            before = [len(r.prompt_evals()) for r in replicas]
+            first = turn(WsConn(connection), input=f"Session {index} of the test.\n{filler}\nSummarize note {index}.", max_output_tokens=4)
+        grown = served_by(replicas, before)
+        assert len(grown) == 1, f"one engine request per turn, got replicas {grown}"
+        evaluated = replicas[grown[0]].prompt_evals()[-1]
+        assert evaluated > 300, f"a first turn prefills its whole prompt: {evaluated}"
+        last_on[grown[0]] = (first, evaluated)
+        if len(last_on) == len(replicas):
+            break
+    assert len(last_on) == len(replicas), "twelve sessions all landed on one replica"
     with client.responses.connect() as connection:
         ws = WsConn(connection)
-        # New sessions (their `prompt_cache_key` names them) until each replica served one; the
-        # keys are fixed, so where they land is too. The last first turn a replica served is
-        # the prompt it holds.
-        for index in range(8):
-            before = [len(r.prompt_evals()) for r in replicas]
-            first = turn(ws, input=f"{filler}\nSummarize note {index}.", prompt_cache_key=f"affinity-{index}", max_output_tokens=4)
-            grown = [i for i, r in enumerate(replicas) if len(r.prompt_evals()) > before[i]]
-            assert len(grown) == 1, f"one engine request per turn, got replicas {grown}"
-            evaluated = replicas[grown[0]].prompt_evals()[-1]
-            assert evaluated > 300, f"a first turn prefills its whole prompt: {evaluated}"
-            last_on[grown[0]] = (first, evaluated)
-            if len(last_on) == len(replicas):
-                break
-        assert len(last_on) == len(replicas), "eight sessions all landed on one replica"
         for replica_index, (first, cold) in last_on.items():
             before = [len(r.prompt_evals()) for r in replicas]
             started = time.monotonic()
             follow = turn(ws, previous_response_id=first["id"], input="And note 3?", max_output_tokens=4)
             elapsed = time.monotonic() - started
-            grown = [i for i, r in enumerate(replicas) if len(r.prompt_evals()) > before[i]]
+            grown = served_by(replicas, before)
             assert grown == [replica_index], f"the follow-up went to replica {grown}, its prefix is on {replica_index}"
             warm = replicas[replica_index].prompt_evals()[-1]
             new_tokens = follow["usage"]["input_tokens"] - held(first)

@@ -80,3 +80,10 @@ impl From<ShardError> for tonic::Status {
         tonic::Status::new(error.class().grpc_code(), error.to_string())
     }
 }
+
+#[cfg(feature = "llama")]
+impl From<tether_vocabulary::VocabularyError> for ShardError {
+    fn from(error: tether_vocabulary::VocabularyError) -> Self {
+        ShardError::Engine(error.to_string())
+    }
+}

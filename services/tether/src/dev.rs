@@ -75,6 +75,19 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
             llama.model_path.display()
         )));
     }
+    if let Some(openai) = args.engine.openai() {
+        match openai.vocabulary {
+            Some(path) if path.is_file() => {}
+            Some(path) => {
+                return Err(CliError::Config(format!("--openai-vocabulary {}: no such file", path.display())));
+            }
+            None => {
+                return Err(CliError::Config(
+                    "--engine openai needs --openai-vocabulary (the served model's GGUF file)".into(),
+                ));
+            }
+        }
+    }
     let authority = match args.tls {
         true => Some(Authority::generate().map_err(|e| CliError::Config(e.to_string()))?),
         false => None,

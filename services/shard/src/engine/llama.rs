@@ -7,10 +7,9 @@
 //! bookkeeping drops it too, so the worker's next turn for it gets a cache miss and resends
 //! the whole prompt. Active sessions decode together, one batched `llama_decode` per step.
 //!
-//! Tokenization and the chat template come from the model (the worker renders with
-//! [`model::ChatVocabulary`]); generation stops at the model's end-of-turn token.
+//! Tokenization and the chat template come from the model (`tether-vocabulary`; the worker
+//! renders with its `ChatVocabulary`); generation stops at the model's end-of-turn token.
 
-pub mod model;
 mod runner;
 pub mod sequences;
 mod state;
@@ -21,6 +20,8 @@ use std::time::Instant;
 
 use tether_common::discovery::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
+
+use tether_vocabulary as model;
 
 use self::runner::{Command, Event, Import, OnEvict, Runner, Submission};
 use super::{Engine, Job, Outcome, Piece};
@@ -50,7 +51,7 @@ impl LlamaEngine {
                 let started = Instant::now();
                 let model = match model::load(&thread_config.model_path, false) {
                     Ok(model) => model,
-                    Err(error) => return drop(ready_tx.send(Err(error))),
+                    Err(error) => return drop(ready_tx.send(Err(error.into()))),
                 };
                 let ctx = match runner::context(&model, &thread_config) {
                     Ok(ctx) => ctx,

@@ -36,6 +36,7 @@ pub struct OpenAiArgs {
     /// Base URL of the engine server (`http://127.0.0.1:8000`). Several (repeated or
     /// comma-separated) form a pool of replicas of one model: a session stays on one replica.
     #[arg(
+        id = "openai_upstreams",
         long = "upstream",
         env = "TETHER_OPENAI_UPSTREAM",
         value_delimiter = ',',
@@ -45,44 +46,54 @@ pub struct OpenAiArgs {
     pub upstreams: Vec<String>,
 
     /// The model name the engine server answers to (defaults to `--model`).
-    #[arg(long = "openai-engine-model", env = "TETHER_OPENAI_ENGINE_MODEL", help_heading = "OpenAI-compatible engine")]
+    #[arg(
+        id = "openai_engine_model",
+        long = "openai-engine-model",
+        env = "TETHER_OPENAI_ENGINE_MODEL",
+        help_heading = "OpenAI-compatible engine"
+    )]
     pub engine_model: Option<String>,
 
     /// How prompts are sent: token ids, the rendered text, or ids until the engine refuses them.
-    #[arg(long = "openai-prompt", env = "TETHER_OPENAI_PROMPT", value_enum, default_value_t = defaults::PROMPT, help_heading = "OpenAI-compatible engine")]
+    #[arg(id = "openai_prompt", long = "openai-prompt", env = "TETHER_OPENAI_PROMPT", value_enum, default_value_t = defaults::PROMPT, help_heading = "OpenAI-compatible engine")]
     pub prompt: PromptMode,
 
     /// GGUF file of the served model: its vocabulary turns token ids into the prompt text and
     /// the engine's text into token ids (the worker renders with the same file).
-    #[arg(long = "openai-vocabulary", env = "TETHER_OPENAI_VOCABULARY", help_heading = "OpenAI-compatible engine")]
+    #[arg(
+        id = "openai_vocabulary",
+        long = "openai-vocabulary",
+        env = "TETHER_OPENAI_VOCABULARY",
+        help_heading = "OpenAI-compatible engine"
+    )]
     pub vocabulary: Option<PathBuf>,
 
     /// Deadline for connecting to the engine.
-    #[arg(long = "openai-connect-timeout", env = "TETHER_OPENAI_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = defaults::CONNECT_TIMEOUT, help_heading = "OpenAI-compatible engine")]
+    #[arg(id = "openai_connect_timeout", long = "openai-connect-timeout", env = "TETHER_OPENAI_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = defaults::CONNECT_TIMEOUT, help_heading = "OpenAI-compatible engine")]
     pub connect_timeout: Duration,
 
     /// Deadline for the first streamed chunk (the engine's queue and prefill).
-    #[arg(long = "openai-first-token-timeout", env = "TETHER_OPENAI_FIRST_TOKEN_TIMEOUT", value_parser = humantime::parse_duration, default_value = defaults::FIRST_TOKEN_TIMEOUT, help_heading = "OpenAI-compatible engine")]
+    #[arg(id = "openai_first_token_timeout", long = "openai-first-token-timeout", env = "TETHER_OPENAI_FIRST_TOKEN_TIMEOUT", value_parser = humantime::parse_duration, default_value = defaults::FIRST_TOKEN_TIMEOUT, help_heading = "OpenAI-compatible engine")]
     pub first_token_timeout: Duration,
 
     /// Longest silence between two streamed chunks.
-    #[arg(long = "openai-idle-timeout", env = "TETHER_OPENAI_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = defaults::IDLE_TIMEOUT, help_heading = "OpenAI-compatible engine")]
+    #[arg(id = "openai_idle_timeout", long = "openai-idle-timeout", env = "TETHER_OPENAI_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = defaults::IDLE_TIMEOUT, help_heading = "OpenAI-compatible engine")]
     pub idle_timeout: Duration,
 
     /// How often each upstream's `GET /v1/models` is probed (the shard's readiness).
-    #[arg(long = "openai-health-interval", env = "TETHER_OPENAI_HEALTH_INTERVAL", value_parser = humantime::parse_duration, default_value = defaults::HEALTH_INTERVAL, help_heading = "OpenAI-compatible engine")]
+    #[arg(id = "openai_health_interval", long = "openai-health-interval", env = "TETHER_OPENAI_HEALTH_INTERVAL", value_parser = humantime::parse_duration, default_value = defaults::HEALTH_INTERVAL, help_heading = "OpenAI-compatible engine")]
     pub health_interval: Duration,
 
     /// The served model's context window in tokens (prompt plus output).
-    #[arg(long = "openai-context", env = "TETHER_OPENAI_CONTEXT", default_value_t = defaults::CONTEXT_TOKENS, help_heading = "OpenAI-compatible engine")]
+    #[arg(id = "openai_context_tokens", long = "openai-context", env = "TETHER_OPENAI_CONTEXT", default_value_t = defaults::CONTEXT_TOKENS, help_heading = "OpenAI-compatible engine")]
     pub context_tokens: u32,
 
     /// Output length when a request sets no `max_output_tokens`.
-    #[arg(long = "openai-max-output-tokens", env = "TETHER_OPENAI_MAX_OUTPUT_TOKENS", default_value_t = defaults::MAX_OUTPUT_TOKENS, help_heading = "OpenAI-compatible engine")]
+    #[arg(id = "openai_max_output_tokens", long = "openai-max-output-tokens", env = "TETHER_OPENAI_MAX_OUTPUT_TOKENS", default_value_t = defaults::MAX_OUTPUT_TOKENS, help_heading = "OpenAI-compatible engine")]
     pub max_output_tokens: u32,
 
     /// Concurrent requests the shard reports as its slots (the engine queues beyond its own).
-    #[arg(long = "openai-slots", env = "TETHER_OPENAI_SLOTS", default_value_t = defaults::SLOTS, help_heading = "OpenAI-compatible engine")]
+    #[arg(id = "openai_slots", long = "openai-slots", env = "TETHER_OPENAI_SLOTS", default_value_t = defaults::SLOTS, help_heading = "OpenAI-compatible engine")]
     pub slots: u32,
 }
 

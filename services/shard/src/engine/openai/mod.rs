@@ -109,10 +109,13 @@ impl OpenAiEngine {
         for replica in self.upstreams.for_session(job.session) {
             let text = self.sends_text();
             match self.post(&replica, job, prompt, text).await {
-                Err(ShardError::EngineRejected(message)) if !text && self.config.prompt == PromptMode::Auto => {
-                    // llama.cpp's servers take only string prompts.
+                // llama.cpp's servers take only string prompts; llama-cpp-python refuses ids
+                // with a 500 (its validation errors are not 4xx), so any refusal counts.
+                Err(refusal @ (ShardError::EngineRejected(_) | ShardError::Engine(_)))
+                    if !text && self.config.prompt == PromptMode::Auto =>
+                {
                     let response = self.post(&replica, job, prompt, true).await?;
-                    tracing::info!(upstream = %replica.base, refusal = %message, "the engine refuses token-id prompts: sending text");
+                    tracing::info!(upstream = %replica.base, %refusal, "the engine refuses token-id prompts: sending text");
                     self.ids_refused.store(true, Ordering::Relaxed);
                     return Ok(response);
                 }

@@ -42,7 +42,7 @@ impl Vocabulary for Bytewise {
 enum Script {
     /// Streams "Hi" and " there", a usage chunk with 3 cached tokens, then `[DONE]`.
     Answer,
-    /// Refuses token-id prompts with 422 (as llama-cpp-python does), answers text prompts.
+    /// Refuses token-id prompts with a 500 (as llama-cpp-python does), answers text prompts.
     TextOnly,
     /// Streams one chunk, then breaks the connection when the test says so.
     DieMidStream,
@@ -78,8 +78,9 @@ async fn completions(State(server): State<Arc<Server>>, body: axum::Json<Value>)
     };
     match server.script {
         Script::TextOnly if !prompt_is_text => {
-            let detail = json!({"detail": [{"loc": ["body", "prompt"], "msg": "Input should be a valid string", "input": [1, 2]}]});
-            (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(detail)).into_response()
+            // llama-cpp-python's answer: a 500 whose message holds pydantic's errors
+            let message = "1 validation errors:\n  {'type': 'string_type', 'loc': ('body', 'prompt', 'str'), 'msg': 'Input should be a valid string', 'input': [1, 2]}";
+            (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": {"message": message}}))).into_response()
         }
         Script::Answer | Script::TextOnly => {
             let usage = json!({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 3}}});
@@ -229,7 +230,7 @@ async fn a_refused_token_prompt_falls_back_to_text_for_good() {
     let engine = self::engine(tokens_only).await;
     let (_, result) = run(&engine, job()).await;
     let error = result.expect_err("refused");
-    assert_eq!(error.class(), ErrorClass::InvalidRequest, "{error}");
+    assert_eq!(error.class(), ErrorClass::Internal, "{error}");
     assert!(!error.to_string().contains("[1, 2]"), "the engine's echo of the prompt is not kept: {error}");
 }
 

@@ -23,7 +23,7 @@ pub trait Vocabulary: Send + Sync {
 /// Loads the vocabulary of the GGUF model at `path` (a few ms; call it off the runtime).
 #[cfg(feature = "llama")]
 pub fn load(path: &Path) -> Result<Arc<dyn Vocabulary>, ShardError> {
-    use crate::engine::llama::model::ChatVocabulary;
+    use tether_vocabulary::ChatVocabulary;
 
     struct Gguf(ChatVocabulary);
 
