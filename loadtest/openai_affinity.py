@@ -2,11 +2,12 @@
 """Session affinity in front of real engine servers: follow-up TTFT and prefilled tokens with
 tether's affinity vs round-robin over the same two llama-cpp-python replicas.
 
-Starts two replicas (scripts/llama-cpp-server.py, one thread each, llama-cpp-python's RAM
-prompt cache on so a replica can hold several sessions), then for each placement a `tether dev
---engine openai --shards 2` in front of them (`--shard-placement affinity|round-robin`), and
-runs the same workload: SESSIONS conversations of TURNS turns, interleaved turn by turn, the
-first message about PROMPT_TOKENS tokens long, each follow-up a short question. Streams over
+Starts two replicas (scripts/llama-cpp-server.py, one thread each; llama-cpp-python keeps the
+KV of its last prompt only), then for each placement a `tether dev --engine openai --shards 2`
+in front of them (`--shard-placement affinity|round-robin`), and runs the same workload: one
+session per replica (new sessions until each replica served one), then TURNS-1 rounds of
+follow-ups, the sessions' order alternating between rounds; the first message is about
+PROMPT_TOKENS tokens long, each follow-up a short question. Streams over
 HTTP with the official SDK; TTFT is the time to the first `response.output_text.delta`.
 Reports per placement: follow-up TTFT (p50, mean, max), the tokens the engines prefilled for
 follow-ups (from their `prefix-match hit, remaining N prompt tokens to eval` lines) and tether's reported cached tokens.
@@ -133,32 +134,55 @@ def run_placement(args: argparse.Namespace, placement: str, upstreams: list[str]
         wait_ready(url)
         client = OpenAI(base_url=f"{url}/v1", api_key="sk-local", max_retries=0, timeout=300)
         filler = " ".join(f"Note {i}: shard {i % 5} keeps session {i % 7} warm for worker {i % 3}." for i in range(args.prompt_tokens // 16))
-        previous: list[dict[str, Any] | None] = [None] * args.sessions
         follow_ttft: list[float] = []
         follow_prefilled: list[int] = []
         follow_cached: list[int] = []
         first_ttft: list[float] = []
-        for turn in range(args.turns):
-            for session in range(args.sessions):
-                body: dict[str, Any] = {"model": MODEL, "temperature": 0, "max_output_tokens": args.output_tokens}
-                if previous[session] is None:
-                    body["input"] = f"Session {placement}-{session}.\n{filler}\nSummarize note {session}."
-                else:
-                    body["input"] = f"And note {turn * 3 + session}?"
-                    body["previous_response_id"] = previous[session]["id"]
-                before = [len(evals(log)) for log in logs]
-                ttft, response = streamed_turn(client, body)
+
+        def run_turn(body: dict[str, Any]) -> tuple[float, dict[str, Any], list[int], int]:
+            before = [len(evals(log)) for log in logs]
+            ttft, response = streamed_turn(client, body)
+            deadline = time.monotonic() + 15
+            while True:  # the engine's log line follows the stream's end by a little
                 after = [evals(log) for log in logs]
                 served = [i for i in range(len(logs)) if len(after[i]) > before[i]]
-                prefilled = sum(after[i][-1] for i in served)
-                if previous[session] is None:
-                    first_ttft.append(ttft)
-                else:
-                    follow_ttft.append(ttft)
-                    follow_prefilled.append(prefilled)
-                    follow_cached.append(response["usage"]["input_tokens_details"]["cached_tokens"])
-                previous[session] = response
-                print(f"{placement:12} turn {turn} session {session}: ttft {ttft * 1000:7.0f} ms, engine prefilled {prefilled:5}, replica {served}, tether cached {response['usage']['input_tokens_details']['cached_tokens']}", flush=True)
+                if served or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            return ttft, response, served, sum(after[i][-1] for i in served)
+
+        # One session per replica: new sessions (named by `prompt_cache_key`) until each replica
+        # served a first turn; a session whose replica is taken is dropped.
+        sessions: list[dict[str, Any]] = []
+        taken: set[int] = set()
+        for key in range(4 * args.sessions):
+            if len(sessions) == args.sessions:
+                break
+            body = {"model": MODEL, "temperature": 0, "max_output_tokens": args.output_tokens,
+                    "prompt_cache_key": f"bench-{placement}-{key}",
+                    "input": f"Session {placement}-{key}.\n{filler}\nSummarize note {key}."}
+            ttft, response, served, prefilled = run_turn(body)
+            first_ttft.append(ttft)
+            print(f"{placement:12} first turn key {key}: ttft {ttft * 1000:7.0f} ms, engine prefilled {prefilled:5}, replica {served}", flush=True)
+            if served and served[0] not in taken:
+                taken.add(served[0])
+                sessions.append(response)
+        # Follow-ups, the sessions' turns in a different order each round (as agents' turns
+        # arrive), so a placement that ignores the session cannot line up by accident.
+        for turn in range(1, args.turns):
+            order = list(range(len(sessions)))
+            if turn % 2 == 0:
+                order.reverse()
+            for session in order:
+                body = {"model": MODEL, "temperature": 0, "max_output_tokens": args.output_tokens,
+                        "input": f"And note {turn * 3 + session}?", "previous_response_id": sessions[session]["id"]}
+                ttft, response, served, prefilled = run_turn(body)
+                cached = response["usage"]["input_tokens_details"]["cached_tokens"]
+                follow_ttft.append(ttft)
+                follow_prefilled.append(prefilled)
+                follow_cached.append(cached)
+                sessions[session] = response
+                print(f"{placement:12} turn {turn} session {session}: ttft {ttft * 1000:7.0f} ms, engine prefilled {prefilled:5}, replica {served}, tether cached {cached}", flush=True)
         return {
             "placement": placement,
             "first_ttft_p50": statistics.median(first_ttft),
@@ -177,7 +201,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tether", default=str(REPO / "target" / "release" / "tether"))
     parser.add_argument("--model-file", required=True)
-    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--sessions", type=int, default=2, help="at most the replicas (one session each)")
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=600)
     parser.add_argument("--output-tokens", type=int, default=8)
@@ -193,7 +217,7 @@ def main() -> int:
             log = workdir / f"replica-{index}.log"
             proc, url = start(
                 [sys.executable, str(REPO / "scripts" / "llama-cpp-server.py"), "--model", args.model_file, "--alias", MODEL,
-                 "--n-ctx", str(args.context), "--threads", "1", "--ram-cache"],
+                 "--n-ctx", str(args.context), "--threads", "1"],
                 r"listening on (http://127\.0\.0\.1:\d+)",
                 log,
             )
