@@ -208,7 +208,7 @@ async fn benchmark_kv_reuse() {
     use std::time::Instant;
 
     use futures_util::StreamExt;
-    use tether_shard::engine::llama::model::ChatVocabulary;
+    use tether_vocabulary::ChatVocabulary;
 
     let path = model_path();
     let vocabulary = ChatVocabulary::load(&path).expect("vocabulary");
@@ -381,7 +381,7 @@ async fn a_session_exported_from_one_llama_shard_continues_on_another_with_its_k
     use tether_common::tokens::PrefixHash;
     use tether_proto::shard::v1::shard_server::Shard;
     use tether_proto::shard::v1::{ExportSessionRequest, GenerateRequest, ImportSessionRequest, Sampling};
-    use tether_shard::engine::llama::model::ChatVocabulary;
+    use tether_vocabulary::ChatVocabulary;
 
     tether_common::telemetry::init_for_test();
     let path = model_path();

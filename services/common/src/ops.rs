@@ -26,18 +26,30 @@ impl Readiness {
     }
 }
 
+/// A further condition of readiness (a shard's engine server answering its health checks).
+pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// Returns the router of the operations endpoints.
 pub fn router(readiness: Readiness) -> Router {
+    router_with(readiness, Arc::new(|| true))
+}
+
+/// Returns the router of the operations endpoints; `/readyz` and `/health` also need `check`.
+pub fn router_with(readiness: Readiness, check: ReadyCheck) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/health", get(readyz))
         .route("/metrics", get(|| async { crate::telemetry::prometheus().render() }))
-        .with_state(readiness)
+        .with_state((readiness, check))
 }
 
-async fn readyz(State(readiness): State<Readiness>) -> impl IntoResponse {
-    if readiness.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+async fn readyz(State((readiness, check)): State<(Readiness, ReadyCheck)>) -> impl IntoResponse {
+    if readiness.is_ready() && check() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 use tether_common::config::CommonArgs;
 use tether_common::tls::Tls;
 
+pub use crate::engine::openai::config::{OpenAiArgs, OpenAiConfig, PromptMode};
 use crate::engine::sim::SimConfig;
 
 /// The shard's defaults, written once: the clap attributes and the `Default` impls (used by
@@ -65,17 +66,27 @@ pub enum EngineKind {
     Sim,
     /// llama.cpp with a GGUF model (needs the `llama` cargo feature).
     Llama,
+    /// An OpenAI-compatible completion server (vLLM, SGLang, llama.cpp's server,
+    /// llama-cpp-python) at `--upstream`: the shard is its sidecar.
+    Openai,
 }
 
-/// The engine choice and the llama engine's settings.
+/// The engine choice and the llama and openai engines' settings.
 #[derive(Clone, Debug, Args)]
 pub struct EngineArgs {
     /// Inference engine.
     #[arg(long, env = "TETHER_SHARD_ENGINE", value_enum, default_value_t = EngineKind::Sim, help_heading = "Engine")]
     pub engine: EngineKind,
 
-    /// GGUF model file of the llama engine (`scripts/fetch-model.sh` fetches SmolLM2-135M).
-    #[arg(long, env = "TETHER_LLAMA_MODEL", required_if_eq("engine", "llama"), help_heading = "Engine")]
+    /// The llama engine: its GGUF model file (`scripts/fetch-model.sh` fetches SmolLM2-135M).
+    /// The openai engine: the model name clients ask for.
+    #[arg(
+        long,
+        env = "TETHER_LLAMA_MODEL",
+        required_if_eq("engine", "llama"),
+        required_if_eq("engine", "openai"),
+        help_heading = "Engine"
+    )]
     pub model: Option<PathBuf>,
 
     /// Model name clients ask for (defaults to the file name up to its first dot, lowercased).
@@ -106,6 +117,9 @@ pub struct EngineArgs {
         help_heading = "Engine"
     )]
     pub max_output_tokens: u32,
+
+    #[command(flatten)]
+    pub openai: OpenAiArgs,
 }
 
 impl Default for EngineArgs {
@@ -119,6 +133,7 @@ impl Default for EngineArgs {
             threads: None,
             batch_tokens: defaults::LLAMA_BATCH_TOKENS,
             max_output_tokens: defaults::LLAMA_MAX_OUTPUT_TOKENS,
+            openai: OpenAiArgs::default(),
         }
     }
 }
@@ -143,6 +158,16 @@ impl EngineArgs {
         config.batch_tokens = self.batch_tokens.max(32);
         config.max_output_tokens = self.max_output_tokens.max(1);
         Some(config)
+    }
+
+    /// The openai engine's configuration, when the openai engine is chosen.
+    pub fn openai(&self) -> Option<OpenAiConfig> {
+        if self.engine != EngineKind::Openai {
+            return None;
+        }
+        // clap requires `--model` (the served name) with `--engine openai`.
+        let model_name = self.model.as_ref()?.to_string_lossy().into_owned();
+        Some(self.openai.config(model_name))
     }
 }
 
@@ -276,6 +301,8 @@ pub struct ShardConfig {
     pub sim: SimConfig,
     /// Runs the llama engine instead of the sim when set.
     pub llama: Option<LlamaConfig>,
+    /// Runs the openai engine (an OpenAI-compatible server behind the shard) when set.
+    pub openai: Option<OpenAiConfig>,
     pub shutdown_grace: Duration,
     /// Mutual TLS on this shard's port and on its calls to other shards.
     pub tls: Option<Tls>,
@@ -290,6 +317,7 @@ impl ShardConfig {
             cache_tokens: 1_000_000,
             sim: SimArgs::default().into(),
             llama: None,
+            openai: None,
             shutdown_grace: Duration::from_secs(5),
             tls: None,
         }
@@ -305,6 +333,7 @@ impl ShardConfig {
             cache_tokens: defaults::CACHE_TOKENS,
             sim: sim.into(),
             llama: None,
+            openai: None,
             shutdown_grace,
             tls: None,
         }
@@ -312,7 +341,7 @@ impl ShardConfig {
 
     /// A shard running the engine `engine` chooses (the sim's settings apply to the sim).
     pub fn from_engine(sim: SimArgs, engine: &EngineArgs, shutdown_grace: Duration) -> Self {
-        ShardConfig { llama: engine.llama(), ..Self::from_sim(sim, shutdown_grace) }
+        ShardConfig { llama: engine.llama(), openai: engine.openai(), ..Self::from_sim(sim, shutdown_grace) }
     }
 }
 
@@ -324,6 +353,7 @@ impl From<ShardArgs> for ShardConfig {
             cache_tokens: args.cache_tokens,
             sim: args.sim.into(),
             llama: args.engine.llama(),
+            openai: args.engine.openai(),
             shutdown_grace: args.common.shutdown_grace,
             // loaded and checked by the caller (`TlsArgs::load` reads files and can fail)
             tls: None,
@@ -349,8 +379,8 @@ mod tests {
     /// (when no `TETHER_SIM_*` or `TETHER_LLAMA_*` variable is set, as clap reads them).
     #[test]
     fn defaults_match_an_empty_command_line() {
-        let set_in_env =
-            std::env::vars().any(|(name, _)| name.starts_with("TETHER_SIM_") || name.starts_with("TETHER_LLAMA_"));
+        let set_in_env = std::env::vars()
+            .any(|(name, _)| ["TETHER_SIM_", "TETHER_LLAMA_", "TETHER_OPENAI_"].iter().any(|p| name.starts_with(p)));
         if set_in_env {
             return;
         }

@@ -28,6 +28,22 @@ pub enum ShardError {
     IncompatibleState(String),
     #[error("engine: {0}")]
     Engine(String),
+    /// The engine server cannot be reached (refused, reset before answering, or failing its
+    /// health checks): another shard may serve the turn.
+    #[error("engine unavailable: {0}")]
+    EngineUnavailable(String),
+    /// The engine server refused the work for load (HTTP 429): its own queue is full.
+    #[error("engine overloaded: {0}")]
+    EngineOverloaded(String),
+    /// The engine server refused the request as invalid (HTTP 400/404/422).
+    #[error("engine refused the request: {0}")]
+    EngineRejected(String),
+    /// The engine server did not answer in time (`{0}` names the deadline).
+    #[error("engine timed out: {0}")]
+    EngineTimeout(&'static str),
+    /// The engine's stream broke after it had started.
+    #[error("engine stream broken: {0}")]
+    EngineDisconnected(String),
     #[error("registration failed: {0}")]
     Discovery(#[from] tether_common::discovery::DiscoveryError),
     #[error("io: {0}")]
@@ -48,6 +64,11 @@ impl ShardError {
             ShardError::IncompatibleState(_) => ErrorClass::InvalidRequest,
             ShardError::NotServing | ShardError::SequenceLost => ErrorClass::Unavailable,
             ShardError::Engine(_) => ErrorClass::Internal,
+            ShardError::EngineUnavailable(_) => ErrorClass::Unavailable,
+            ShardError::EngineOverloaded(_) => ErrorClass::Overloaded,
+            ShardError::EngineRejected(_) => ErrorClass::InvalidRequest,
+            ShardError::EngineTimeout(_) => ErrorClass::DeadlineExceeded,
+            ShardError::EngineDisconnected(_) => ErrorClass::Disconnected,
             ShardError::Discovery(_) => ErrorClass::Unavailable,
             ShardError::Io(_) | ShardError::ShutdownDeadline => ErrorClass::Internal,
         }
@@ -57,5 +78,12 @@ impl ShardError {
 impl From<ShardError> for tonic::Status {
     fn from(error: ShardError) -> Self {
         tonic::Status::new(error.class().grpc_code(), error.to_string())
+    }
+}
+
+#[cfg(feature = "llama")]
+impl From<tether_vocabulary::VocabularyError> for ShardError {
+    fn from(error: tether_vocabulary::VocabularyError) -> Self {
+        ShardError::Engine(error.to_string())
     }
 }

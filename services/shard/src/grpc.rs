@@ -114,12 +114,31 @@ impl Shard for ShardService {
         }
         span.record("cached", cached).record("new_tokens", new_tokens.len());
 
+        // An engine that sends the whole prompt each turn gets the held prefix from the
+        // bookkeeping (the prompt itself when the worker sent all of it).
+        let prefix = match (&full_prompt, self.engine.wants_prefix()) {
+            (_, false) => Vec::new(),
+            (Some(prompt), true) => prompt[..cached as usize].to_vec(),
+            (None, true) => {
+                let mut held = self.cache.export(session).unwrap_or_default();
+                if held.len() < cached as usize {
+                    // Dropped between the lookup and now: the worker resends everything.
+                    metrics::counter!(m::CACHE_MISSES).increment(1);
+                    return Ok(Response::new(single(GenerateChunk {
+                        kind: Some(Kind::CacheMiss(CacheMiss { held_len: 0 })),
+                    })));
+                }
+                held.truncate(cached as usize);
+                held
+            }
+        };
         let job = Job {
             session,
             model: request.model,
             prompt_len,
             cached,
             new_tokens,
+            prefix,
             prompt_hash: prompt_hash.value(),
             sampling: request.sampling.unwrap_or_default(),
             tools: request.tools,
@@ -173,7 +192,7 @@ impl Shard for ShardService {
                         reason: outcome.reason as i32,
                         usage: Some(Usage {
                             prompt_tokens: prompt_len,
-                            cached_tokens: cached,
+                            cached_tokens: outcome.engine_cached.unwrap_or(cached).min(prompt_len),
                             completion_tokens: outcome.completion.len() as u32,
                         }),
                         timings: Some(Timings {

@@ -34,6 +34,7 @@ pub async fn serve(
     let (engine, cache) = build_engine(&config).await?;
     let serving = Readiness::default();
 
+    let engine_health = engine.clone();
     let service = ShardService::new(id.clone(), engine, cache, serving.clone());
     // Membership is followed through the hand-off, until `serve` returns.
     let peers_stop = CancellationToken::new();
@@ -45,7 +46,11 @@ pub async fn serve(
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     )
     .into_axum_router()
-    .merge(ops::router(serving.clone()));
+    .merge(ops::router_with(serving.clone(), {
+        // Ready only while the engine can take work (an engine server answering its probes).
+        let engine = engine_health.clone();
+        std::sync::Arc::new(move || engine.healthy())
+    }));
 
     let stop_serving = CancellationToken::new();
     let server = tokio::spawn({
@@ -79,6 +84,16 @@ pub async fn serve(
 
 /// Builds the configured engine and the KV-cache bookkeeping in front of it.
 async fn build_engine(config: &ShardConfig) -> Result<(Arc<dyn Engine>, Arc<KvCache>), ShardError> {
+    if let Some(openai) = config.openai.clone() {
+        let path = openai.vocabulary.clone().ok_or_else(|| {
+            ShardError::Engine("--engine openai needs --openai-vocabulary (the served model's GGUF file)".into())
+        })?;
+        let vocabulary = tokio::task::spawn_blocking(move || crate::engine::openai::vocabulary::load(&path))
+            .await
+            .map_err(|join| ShardError::Engine(join.to_string()))??;
+        let engine = crate::engine::openai::OpenAiEngine::start(openai, vocabulary).await?;
+        return Ok((Arc::new(engine), Arc::new(KvCache::new(config.cache_tokens))));
+    }
     let Some(llama) = config.llama.clone() else {
         return Ok((Arc::new(SimEngine::new(config.sim.clone())), Arc::new(KvCache::new(config.cache_tokens))));
     };

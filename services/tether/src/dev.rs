@@ -38,9 +38,16 @@ pub struct DevArgs {
     #[command(flatten)]
     pub sim: tether_shard::config::SimArgs,
 
-    /// `--engine llama --model PATH` runs the shards on a real model (use `--shards 1`).
+    /// `--engine llama --model PATH` runs the shards on a real model (use `--shards 1`);
+    /// `--engine openai --model NAME --upstream URL[,URL..] --openai-vocabulary GGUF` fronts
+    /// OpenAI-compatible servers (with as many upstreams as shards, shard i fronts the i-th).
     #[command(flatten)]
     pub engine: tether_shard::config::EngineArgs,
+
+    /// How the workers pick a turn's shard: the session's owner, or round-robin (the
+    /// affinity benchmark's baseline).
+    #[arg(long, env = "TETHER_WORKER_SHARD_PLACEMENT", value_enum, default_value_t = tether_worker::shard_pool::ShardPlacement::Affinity)]
+    pub shard_placement: tether_worker::shard_pool::ShardPlacement,
 
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
@@ -68,6 +75,19 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
             llama.model_path.display()
         )));
     }
+    if let Some(openai) = args.engine.openai() {
+        match openai.vocabulary {
+            Some(path) if path.is_file() => {}
+            Some(path) => {
+                return Err(CliError::Config(format!("--openai-vocabulary {}: no such file", path.display())));
+            }
+            None => {
+                return Err(CliError::Config(
+                    "--engine openai needs --openai-vocabulary (the served model's GGUF file)".into(),
+                ));
+            }
+        }
+    }
     let authority = match args.tls {
         true => Some(Authority::generate().map_err(|e| CliError::Config(e.to_string()))?),
         false => None,
@@ -87,6 +107,9 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
         if let (Some(llama), None) = (config.llama.as_mut(), args.engine.threads) {
             llama.threads = (llama.threads / args.shards.max(1) as u32).max(1); // share the cores
         }
+        if let Some(openai) = config.openai.as_mut().filter(|openai| openai.upstreams.len() == args.shards) {
+            openai.upstreams = vec![openai.upstreams[index].clone()];
+        }
         let (discovery, shutdown) = (discovery.clone(), shutdown.clone());
         nodes.spawn(async move {
             tether_shard::serve(config, listener, discovery, shutdown).await.map_err(|e| e.to_string())
@@ -98,9 +121,15 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
         config.id = Some(format!("worker-{index}"));
         config.tls = node_tls(&format!("worker-{index}"))?;
         config.shutdown_grace = args.shutdown_grace;
+        config.shard_placement = args.shard_placement;
         if let Some(llama) = args.engine.llama() {
             config.default_model = llama.model_name.clone();
             config.llama_models = vec![(llama.model_name, llama.model_path)];
+        }
+        // The worker renders with the served model's vocabulary, as the shard reads it.
+        if let Some(openai) = args.engine.openai() {
+            config.default_model = openai.model_name.clone();
+            config.llama_models = openai.vocabulary.map(|path| (openai.model_name, path)).into_iter().collect();
         }
         let (discovery, shutdown) = (discovery.clone(), shutdown.clone());
         nodes.spawn(async move {

@@ -10,6 +10,7 @@ use tether_common::tls::Tls;
 
 use crate::budget::PrefillLimit;
 use crate::session::CacheLimits;
+use crate::shard_pool::ShardPlacement;
 
 /// The worker's defaults that the clap attributes and [`WorkerConfig::for_test`] share,
 /// written once. Durations are humantime strings, as the flags take them.
@@ -63,6 +64,11 @@ pub struct WorkerArgs {
     #[arg(long = "llama-model", env = "TETHER_WORKER_LLAMA_MODELS", value_delimiter = ';', value_parser = parse_llama_model)]
     pub llama_models: Vec<(String, PathBuf)>,
 
+    /// How a turn picks its shard: the session's owner (its KV cache is warm there) or
+    /// round-robin (the affinity benchmark's baseline).
+    #[arg(long, env = "TETHER_WORKER_SHARD_PLACEMENT", value_enum, default_value_t = ShardPlacement::Affinity)]
+    pub shard_placement: ShardPlacement,
+
     /// Uncached prompt tokens one tenant may have shards prefill per second; a tenant past
     /// its budget gets `rate_limit_exceeded` (HTTP 429) until it refills.
     #[arg(
@@ -110,6 +116,7 @@ pub struct WorkerConfig {
     pub replication: ReplicationMode,
     /// Models served by llama shards and their GGUF files.
     pub llama_models: Vec<(String, PathBuf)>,
+    pub shard_placement: ShardPlacement,
     /// The per-tenant budget of uncached prefill tokens.
     pub prefill_limit: PrefillLimit,
     pub shutdown_grace: Duration,
@@ -132,6 +139,7 @@ impl WorkerConfig {
             safety_patterns: Vec::new(),
             replication: ReplicationMode::Sync,
             llama_models: Vec::new(),
+            shard_placement: ShardPlacement::Affinity,
             prefill_limit: PrefillLimit {
                 tokens_per_second: defaults::TENANT_PREFILL_TOKENS_PER_SECOND,
                 burst: defaults::TENANT_PREFILL_BURST,
@@ -152,6 +160,7 @@ impl From<WorkerArgs> for WorkerConfig {
             safety_patterns: args.safety_patterns,
             replication: args.replication,
             llama_models: args.llama_models,
+            shard_placement: args.shard_placement,
             prefill_limit: PrefillLimit {
                 tokens_per_second: args.tenant_prefill_tokens_per_second,
                 burst: args.tenant_prefill_burst,

@@ -52,7 +52,7 @@ pub async fn serve_with(
     let ctx = Arc::new(WorkerContext {
         id: id.clone(),
         cache: SessionCache::new(config.cache),
-        shards: ShardPool::start(discovery.as_ref(), connector, stop.clone()),
+        shards: ShardPool::start(discovery.as_ref(), connector, stop.clone()).with_placement(config.shard_placement),
         renderer,
         classifier: Arc::new(PatternClassifier::with_defaults(&config.safety_patterns)),
         default_model: config.default_model.clone(),

@@ -7,10 +7,9 @@
 //! bookkeeping drops it too, so the worker's next turn for it gets a cache miss and resends
 //! the whole prompt. Active sessions decode together, one batched `llama_decode` per step.
 //!
-//! Tokenization and the chat template come from the model (the worker renders with
-//! [`model::ChatVocabulary`]); generation stops at the model's end-of-turn token.
+//! Tokenization and the chat template come from the model (`tether-vocabulary`; the worker
+//! renders with its `ChatVocabulary`); generation stops at the model's end-of-turn token.
 
-pub mod model;
 mod runner;
 pub mod sequences;
 mod state;
@@ -19,10 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
-use serde_json::Value;
 use tether_common::discovery::BoxFuture;
-use tether_proto::shard::v1::{ToolChoice, ToolSpec};
 use tokio::sync::{mpsc, oneshot};
+
+use tether_vocabulary as model;
 
 use self::runner::{Command, Event, Import, OnEvict, Runner, Submission};
 use super::{Engine, Job, Outcome, Piece};
@@ -52,7 +51,7 @@ impl LlamaEngine {
                 let started = Instant::now();
                 let model = match model::load(&thread_config.model_path, false) {
                     Ok(model) => model,
-                    Err(error) => return drop(ready_tx.send(Err(error))),
+                    Err(error) => return drop(ready_tx.send(Err(error.into()))),
                 };
                 let ctx = match runner::context(&model, &thread_config) {
                     Ok(ctx) => ctx,
@@ -102,7 +101,7 @@ impl Engine for LlamaEngine {
             return Err(ShardError::ContextExceeded { needed: job.prompt_len, capacity: self.config.context_tokens });
         }
         if let Some(spec) = &job.tools {
-            validate_tools(spec)?;
+            super::validate_tools(spec)?;
         }
         Ok(())
     }
@@ -163,21 +162,4 @@ impl Engine for LlamaEngine {
             result.await.map_err(|_| ShardError::Engine("the engine thread stopped".into()))?
         })
     }
-}
-
-/// Checks the tool definitions the prompt carries. The model sees them in its system prompt
-/// (the worker renders them); `tool_choice` cannot force the model, and a call it does not
-/// write is never made up.
-fn validate_tools(spec: &ToolSpec) -> Result<(), ShardError> {
-    if spec.tools_json.trim().is_empty() {
-        return Ok(());
-    }
-    let tools: Vec<Value> =
-        serde_json::from_str(&spec.tools_json).map_err(|e| ShardError::InvalidTools(e.to_string()))?;
-    if ToolChoice::try_from(spec.choice) == Ok(ToolChoice::Function)
-        && !tools.iter().any(|tool| tool.get("name").and_then(Value::as_str) == Some(spec.function.as_str()))
-    {
-        return Err(ShardError::UnknownFunction(spec.function.clone()));
-    }
-    Ok(())
 }

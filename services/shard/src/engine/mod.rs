@@ -5,6 +5,7 @@
 
 #[cfg(feature = "llama")]
 pub mod llama;
+pub mod openai;
 pub mod schema;
 pub mod sim;
 pub mod sim_tools;
@@ -14,8 +15,9 @@ pub mod state_format;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use serde_json::Value;
 use tether_common::discovery::BoxFuture;
-use tether_proto::shard::v1::{FinishReason, OutputFormat, Sampling, ToolSpec};
+use tether_proto::shard::v1::{FinishReason, OutputFormat, Sampling, ToolChoice, ToolSpec};
 use tokio::sync::mpsc;
 
 use crate::error::ShardError;
@@ -33,6 +35,9 @@ pub struct Job {
     pub cached: u32,
     /// The prompt tokens after the cached prefix.
     pub new_tokens: Vec<u32>,
+    /// The cached prefix itself (`cached` tokens), for an engine that sends the whole prompt
+    /// every turn ([`Engine::wants_prefix`]); empty for the others.
+    pub prefix: Vec<u32>,
     /// Hash of the whole prompt: the deterministic seed of the sim engine.
     pub prompt_hash: u64,
     pub sampling: Sampling,
@@ -58,6 +63,10 @@ pub struct Outcome {
     pub queue: Duration,
     pub prefill: Duration,
     pub decode: Duration,
+    /// Prompt tokens the engine itself reports as cached, when it reports them (an
+    /// OpenAI-compatible server's `prompt_tokens_details.cached_tokens`); the shard's
+    /// bookkeeping says how many it sent as cached otherwise.
+    pub engine_cached: Option<u32>,
 }
 
 pub trait Engine: Send + Sync + 'static {
@@ -71,6 +80,15 @@ pub trait Engine: Send + Sync + 'static {
     /// shard refuses JSON output formats for an engine that cannot.
     fn structured_outputs(&self) -> bool {
         false
+    }
+    /// Whether jobs must carry their cached prefix ([`Job::prefix`]): an engine that holds no
+    /// KV cache of its own keyed by session sends the whole prompt each turn.
+    fn wants_prefix(&self) -> bool {
+        false
+    }
+    /// Whether the engine can take work now (the shard's readiness follows it).
+    fn healthy(&self) -> bool {
+        true
     }
     /// Rejects a job the engine cannot run, before any token is streamed.
     fn validate(&self, job: &Job) -> Result<(), ShardError>;
@@ -104,4 +122,21 @@ pub trait Engine: Send + Sync + 'static {
             }
         })
     }
+}
+
+/// Checks the tool definitions the prompt carries, for an engine that sees them only in its
+/// prompt (the worker renders them): `tool_choice` cannot force such a model, and a call it
+/// does not write is never made up, but a forced function must be among the tools.
+pub fn validate_tools(spec: &ToolSpec) -> Result<(), ShardError> {
+    if spec.tools_json.trim().is_empty() {
+        return Ok(());
+    }
+    let tools: Vec<Value> =
+        serde_json::from_str(&spec.tools_json).map_err(|e| ShardError::InvalidTools(e.to_string()))?;
+    if ToolChoice::try_from(spec.choice) == Ok(ToolChoice::Function)
+        && !tools.iter().any(|tool| tool.get("name").and_then(Value::as_str) == Some(spec.function.as_str()))
+    {
+        return Err(ShardError::UnknownFunction(spec.function.clone()));
+    }
+    Ok(())
 }

@@ -284,6 +284,7 @@ impl Engine for SimEngine {
                     queue,
                     prefill,
                     decode: Duration::ZERO,
+                    engine_cached: None,
                 });
             }
 
@@ -315,7 +316,7 @@ impl Engine for SimEngine {
                 return Err(ShardError::NotServing);
             }
             let decode = first.elapsed();
-            Ok(Outcome { reason, completion, queue, prefill, decode })
+            Ok(Outcome { reason, completion, queue, prefill, decode, engine_cached: None })
         })
     }
 }
@@ -360,6 +361,7 @@ mod tests {
             prompt_len,
             cached: 0,
             new_tokens: vec![1; prompt_len as usize],
+            prefix: Vec::new(),
             prompt_hash: 7,
             sampling: Sampling { max_output_tokens, ..Default::default() },
             tools: None,

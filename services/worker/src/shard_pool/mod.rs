@@ -43,11 +43,24 @@ pub trait ShardApi: Send + Sync + 'static {
 /// `None` for an address it cannot dial (not a URL of the plane's scheme).
 pub type ShardConnector = Arc<dyn Fn(&str, &str) -> Option<Arc<dyn ShardApi>> + Send + Sync>;
 
+/// How a turn picks its shard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShardPlacement {
+    /// A session's owner on the shard ring, every turn: its KV cache stays warm there.
+    #[default]
+    Affinity,
+    /// The live shards in turn, whatever the session: the baseline the affinity benchmark
+    /// compares against (a follow-up usually lands where its prefix is not held).
+    RoundRobin,
+}
+
 /// The shards, as a [`NodeSet`]: a session's shard is its owner on the shard ring, so its
 /// KV cache stays warm there.
 #[derive(Clone)]
 pub struct ShardPool {
     nodes: NodeSet<Arc<dyn ShardApi>>,
+    placement: ShardPlacement,
+    turns: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ShardPool {
@@ -59,11 +72,33 @@ impl ShardPool {
         });
         ShardPool {
             nodes: NodeSet::start(discovery, NodeKind::Shard, connect, probe, Duration::from_millis(250), stop),
+            placement: ShardPlacement::Affinity,
+            turns: Arc::default(),
         }
     }
 
-    /// Returns the shards to try for `session`, in order: its owner, then its successor.
+    /// Sets how turns pick their shard.
+    pub fn with_placement(mut self, placement: ShardPlacement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// Returns the shards to try for `session`, in order: its owner, then its successor
+    /// (with round-robin placement: the next live shard in turn, then the one after it).
     pub fn candidates(&self, session: u64) -> Vec<(String, Arc<dyn ShardApi>)> {
+        if self.placement == ShardPlacement::RoundRobin {
+            let live = self.nodes.live();
+            if !live.is_empty() {
+                let next = self.turns.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let picks = live.len().min(2);
+                return (0..picks)
+                    .map(|offset| {
+                        let (id, api) = &live[(next + offset) % live.len()];
+                        (id.to_string(), api.clone())
+                    })
+                    .collect();
+            }
+        }
         let owner = self.nodes.owner(session);
         let successor = self.nodes.successor(session);
         [owner, successor].into_iter().flatten().map(|(id, api)| (id.to_string(), api)).collect()

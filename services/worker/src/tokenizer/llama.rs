@@ -1,10 +1,11 @@
-//! A llama model's vocabulary (loaded from its GGUF file without weights), through the shard
-//! crate's llama.cpp bindings, which also own the process-wide llama.cpp backend.
+//! A GGUF model's vocabulary (loaded from its file without weights) through `tether-vocabulary`,
+//! which also owns the process-wide llama.cpp backend. Whatever engine serves the model (llama
+//! linked in, or an OpenAI-compatible server behind an openai shard) reads the same file.
 
 use std::path::Path;
 
 use tether_common::tokens::Fnv64;
-use tether_shard::engine::llama::model::ChatVocabulary;
+use tether_vocabulary::ChatVocabulary;
 
 use super::Tokenizer;
 use crate::error::WorkerError;

@@ -24,12 +24,12 @@ use tether_proto::shard::v1::{FinishReason, Sampling};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
-use super::model::{self, Utf8Stream};
 use super::sequences::{Resume, SequenceTable};
 use super::state;
 use crate::config::LlamaConfig;
 use crate::engine::{Job, Outcome, Piece};
 use crate::error::ShardError;
+use tether_vocabulary::{self as model, Utf8Stream};
 
 /// Prompt tokens per step while other jobs are generating: bounds the pause a long prefill
 /// puts between their tokens (about 0.5 s on 2 cores for SmolLM2-135M).
@@ -541,6 +541,7 @@ impl<'m> Runner<'m> {
             queue: job.queue,
             prefill: first - job.admitted,
             decode: now - first,
+            engine_cached: None,
         });
         let _ = job.events.send(Event::Done(outcome));
     }

@@ -1,8 +1,9 @@
-//! Loading a GGUF model through llama.cpp, and what the shard and the worker read from it: the
-//! vocabulary (tokenize, detokenize, end of turn) and the chat format.
-//!
-//! The worker renders prompts with [`ChatVocabulary`] (a vocabulary-only load, a few ms and a few
-//! MB), so the token ids it caches and sends are the ids this model consumes.
+//! A GGUF model through llama.cpp, and what the worker and the shard's engines read from it:
+//! the vocabulary (tokenize, detokenize) and the chat format. A model's tokenizer belongs to the
+//! model, not to an engine: the worker renders prompts with [`ChatVocabulary`] (a
+//! vocabulary-only load, a few ms and a few MB), the llama engine loads the same file with its
+//! weights, and the openai engine turns ids into the text an engine server takes, so the token
+//! ids a session caches are the ids the model consumes.
 
 use std::num::NonZeroU16;
 use std::path::Path;
@@ -13,7 +14,18 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::token::LlamaToken;
 
-use crate::error::ShardError;
+/// Why a model or its vocabulary could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum VocabularyError {
+    #[error("model file {0} not found (scripts/fetch-model.sh fetches it)")]
+    NotFound(String),
+    #[error("llama.cpp backend: {0}")]
+    Backend(String),
+    #[error("loading {path}: {reason}")]
+    Load { path: String, reason: String },
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+}
 
 /// llama.cpp's backend is process-wide state: `llama_backend_init` may run once per process
 /// and `LlamaBackend::init` refuses a second call. Shards and workers that share a process
@@ -22,27 +34,24 @@ static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 
 /// Returns the process's llama.cpp backend, initializing it (and routing llama.cpp's logs into
 /// `tracing`, target `llama-cpp-2`) on first use.
-pub fn backend() -> Result<&'static LlamaBackend, ShardError> {
+pub fn backend() -> Result<&'static LlamaBackend, VocabularyError> {
     BACKEND
         .get_or_init(|| {
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
             LlamaBackend::init().map_err(|error| error.to_string())
         })
         .as_ref()
-        .map_err(|error| ShardError::Engine(format!("llama.cpp backend: {error}")))
+        .map_err(|error| VocabularyError::Backend(error.clone()))
 }
 
 /// Loads the model at `path` (weights too unless `vocab_only`).
-pub fn load(path: &Path, vocab_only: bool) -> Result<LlamaModel, ShardError> {
+pub fn load(path: &Path, vocab_only: bool) -> Result<LlamaModel, VocabularyError> {
     if !path.is_file() {
-        return Err(ShardError::Engine(format!(
-            "model file {} not found (scripts/fetch-model.sh fetches it)",
-            path.display()
-        )));
+        return Err(VocabularyError::NotFound(path.display().to_string()));
     }
     let params = LlamaModelParams::default().with_vocab_only(vocab_only);
     LlamaModel::load_from_file(backend()?, path, &params)
-        .map_err(|error| ShardError::Engine(format!("loading {}: {error}", path.display())))
+        .map_err(|error| VocabularyError::Load { path: path.display().to_string(), reason: error.to_string() })
 }
 
 /// The chat format of a model: ChatML (`<|im_start|>{role}\n{content}<|im_end|>\n`), the format
@@ -56,19 +65,19 @@ pub struct ChatFormat {
 impl ChatFormat {
     /// Reads the format from the model's own chat template (`tokenizer.chat_template`).
     /// Only ChatML templates are supported.
-    pub fn of(model: &LlamaModel) -> Result<ChatFormat, ShardError> {
-        let template = model
-            .chat_template(None)
-            .map_err(|error| ShardError::Engine(format!("the model has no usable chat template: {error}")))?;
-        let template = template.to_string().map_err(|error| ShardError::Engine(format!("chat template: {error}")))?;
+    pub fn of(model: &LlamaModel) -> Result<ChatFormat, VocabularyError> {
+        let template = model.chat_template(None).map_err(|error| {
+            VocabularyError::ChatTemplate(format!("the model has no usable chat template: {error}"))
+        })?;
+        let template = template.to_string().map_err(|error| VocabularyError::ChatTemplate(error.to_string()))?;
         ChatFormat::parse(&template)
     }
 
     /// Parses a Jinja chat template far enough to check that it is ChatML and to find its
     /// default system prompt.
-    pub fn parse(template: &str) -> Result<ChatFormat, ShardError> {
+    pub fn parse(template: &str) -> Result<ChatFormat, VocabularyError> {
         if !template.contains("<|im_start|>") || !template.contains("<|im_end|>") {
-            return Err(ShardError::Engine("the model's chat template is not ChatML (unsupported)".into()));
+            return Err(VocabularyError::ChatTemplate("the model's chat template is not ChatML (unsupported)".into()));
         }
         const OPEN: &str = "<|im_start|>system\n";
         let default_system = template.find(OPEN).and_then(|start| {
@@ -90,7 +99,7 @@ pub struct ChatVocabulary {
 
 impl ChatVocabulary {
     /// Loads the vocabulary and chat format of the GGUF model at `path`.
-    pub fn load(path: &Path) -> Result<ChatVocabulary, ShardError> {
+    pub fn load(path: &Path) -> Result<ChatVocabulary, VocabularyError> {
         let model = load(path, true)?;
         let format = ChatFormat::of(&model)?;
         Ok(ChatVocabulary { model, format })
