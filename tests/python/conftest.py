@@ -92,7 +92,8 @@ def _wait_ready(server: Server) -> None:
     pytest.fail(f"GET /readyz did not answer 200 within {READY_TIMEOUT_S}s (last: {last})\n{server.log_text()}")
 
 
-def _start() -> Server:
+def start_dev(*extra: str) -> Server:
+    """Starts `tether dev --listen 127.0.0.1:0 EXTRA...` and waits until it is ready."""
     binary = Path(os.environ.get("TETHER_BIN") or DEFAULT_BIN)
     if not binary.is_file() or not os.access(binary, os.X_OK):
         pytest.fail(f"tether binary not found or not executable: {binary} (build it, or set TETHER_BIN)")
@@ -101,7 +102,7 @@ def _start() -> Server:
     env.setdefault("RUST_BACKTRACE", "1")
     env.setdefault("NO_COLOR", "1")
     proc = subprocess.Popen(
-        [str(binary), "dev", "--listen", "127.0.0.1:0"],
+        [str(binary), "dev", "--listen", "127.0.0.1:0", *extra],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=stderr_file,
@@ -150,7 +151,7 @@ def tether() -> Iterator[Server]:
         _SERVER = server
         yield server
         return
-    server = _start()
+    server = start_dev()
     _SERVER = server
     try:
         yield server

@@ -9,16 +9,13 @@ variable the module is skipped: the default build has no llama engine.
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 from openai import OpenAI
 
-from conftest import DEFAULT_BIN, REPO, STARTUP_TIMEOUT_S, Server, _pump_stdout, _stop, _wait_ready
+from conftest import Server, _stop, start_dev
 from helpers import WsConn, as_dict, check_response_events, output_text
 
 MODEL_PATH = os.environ.get("TETHER_LLAMA_MODEL")
@@ -32,21 +29,10 @@ pytestmark = pytest.mark.skipif(not MODEL_PATH, reason="TETHER_LLAMA_MODEL is no
 def llama_server() -> Iterator[Server]:
     assert MODEL_PATH is not None
     assert Path(MODEL_PATH).is_file(), f"TETHER_LLAMA_MODEL={MODEL_PATH} is not a file: run scripts/fetch-model.sh"
-    binary = Path(os.environ.get("TETHER_BIN") or DEFAULT_BIN)
-    stderr_file = tempfile.NamedTemporaryFile(prefix="tether-llama-", suffix=".stderr.log", delete=False)
-    args = [str(binary), "dev", "--listen", "127.0.0.1:0", "--workers", "1", "--shards", "1"]
-    args += ["--engine", "llama", "--model", MODEL_PATH, "--llama-context", "4096", "--llama-sequences", "4"]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file, cwd=REPO)
-    stderr_file.close()
-    server = Server(url="", proc=proc, stderr_path=Path(stderr_file.name))
-    found = threading.Event()
-    box: list[str] = []
-    threading.Thread(target=_pump_stdout, args=(proc, server.stdout_lines, found, box), daemon=True).start()
-    if not found.wait(STARTUP_TIMEOUT_S) or not box:
-        _stop(server)
-        pytest.fail(f"tether dev --engine llama did not start\n{server.log_text()}")
-    server.url = box[0]
-    _wait_ready(server)
+    server = start_dev(
+        *["--workers", "1", "--shards", "1"],
+        *["--engine", "llama", "--model", MODEL_PATH, "--llama-context", "4096", "--llama-sequences", "4"],
+    )
     try:
         yield server
     finally:

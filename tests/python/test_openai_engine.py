@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import pytest
 from openai import OpenAI
 
-from conftest import DEFAULT_BIN, REPO, STARTUP_TIMEOUT_S, Server, _pump_stdout, _stop, _wait_ready
+from conftest import REPO, STARTUP_TIMEOUT_S, Server, _stop, start_dev
 from helpers import WsConn, as_dict, check_response_events, function_calls, output_text
 
 MODEL_PATH = os.environ.get("TETHER_LLAMA_MODEL")
@@ -127,22 +127,11 @@ def replicas() -> Iterator[list[Replica]]:
 @pytest.fixture(scope="module")
 def cluster(replicas: list[Replica]) -> Iterator[Server]:
     assert MODEL_PATH is not None
-    binary = Path(os.environ.get("TETHER_BIN") or DEFAULT_BIN)
-    stderr_file = tempfile.NamedTemporaryFile(prefix="tether-openai-", suffix=".stderr.log", delete=False)
-    args = [str(binary), "dev", "--listen", "127.0.0.1:0", "--workers", "1", "--shards", "2"]
-    args += ["--engine", "openai", "--model", MODEL, "--upstream", ",".join(r.url for r in replicas)]
-    args += ["--openai-vocabulary", MODEL_PATH, "--openai-context", str(CONTEXT)]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file, cwd=REPO)
-    stderr_file.close()
-    server = Server(url="", proc=proc, stderr_path=Path(stderr_file.name))
-    found = threading.Event()
-    box: list[str] = []
-    threading.Thread(target=_pump_stdout, args=(proc, server.stdout_lines, found, box), daemon=True).start()
-    if not found.wait(STARTUP_TIMEOUT_S) or not box:
-        _stop(server)
-        pytest.fail(f"tether dev --engine openai did not start\n{server.log_text()}")
-    server.url = box[0]
-    _wait_ready(server)
+    server = start_dev(
+        *["--workers", "1", "--shards", "2"],
+        *["--engine", "openai", "--model", MODEL, "--upstream", ",".join(r.url for r in replicas)],
+        *["--openai-vocabulary", MODEL_PATH, "--openai-context", str(CONTEXT)],
+    )
     try:
         yield server
     finally:
