@@ -40,19 +40,24 @@ TURN: dict[str, Any] = {
 
 
 def check_streamed_call(events: list[Any], *, raw: bool = True) -> str:
-    """The call streamed in several deltas whose concatenation is its final arguments.
+    """The call streamed in deltas whose concatenation is its final arguments.
+
+    A client that keeps up gets one delta per decoded piece; deltas that are ready together
+    while the client is behind are coalesced (a loaded machine can merge a whole short call into
+    one), so several deltas are not required here: the worker's coalescing has its own test.
 
     `raw`: the events are the wire's (not the stream helper's, whose terminal Response
     carries parsed items), so the protocol checker runs on them too."""
     types = [event.type for event in events]
     deltas = [event for event in events if event.type == "response.function_call_arguments.delta"]
-    assert len(deltas) > 1, f"a multi-token arguments object streams in several deltas: {types}"
+    assert deltas, f"the arguments stream in deltas: {types}"
     added = types.index("response.output_item.added")
     first = types.index("response.function_call_arguments.delta")
     done = types.index("response.function_call_arguments.done")
     assert added < first < done, types
     streamed = "".join(event.delta for event in deltas)
-    assert len(deltas[0].delta) < len(streamed), "the first delta came before the whole call"
+    if len(deltas) > 1:
+        assert len(deltas[0].delta) < len(streamed), "the first delta came before the whole call"
     assert events[done].arguments == streamed
     [item_done] = [event.item for event in events if event.type == "response.output_item.done"]
     assert item_done.arguments == streamed and item_done.status == "completed"
