@@ -415,6 +415,7 @@ async fn a_session_exported_from_one_llama_shard_continues_on_another_with_its_k
         hints: Default::default(),
         prefill_only,
         output_format: None,
+        resume_tokens: 0,
     };
 
     info!("--- prefill {} tokens on the source", prefix.len());

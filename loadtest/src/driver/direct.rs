@@ -242,6 +242,7 @@ fn generate_request(
         hints,
         prefill_only: false,
         output_format: None,
+        resume_tokens: 0,
     }
 }
 

@@ -36,6 +36,12 @@ pub struct GenerateRequest {
     /// cannot constrain its output (`InfoResponse.structured_outputs` false) refuses JSON formats.
     #[prost(message, optional, tag = "11")]
     pub output_format: ::core::option::Option<OutputFormat>,
+    /// The last `resume_tokens` prompt tokens are this response's own output so far, generated
+    /// before its worker went away: the engine continues the same generation after them (for a
+    /// deterministic engine, exactly what it would have produced next). `max_output_tokens`
+    /// counts only what is still to come.
+    #[prost(uint32, tag = "12")]
+    pub resume_tokens: u32,
 }
 /// The Responses API's `text.format`: what a text answer must be.
 #[allow(clippy::all)]

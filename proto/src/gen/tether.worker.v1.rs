@@ -148,6 +148,28 @@ pub struct TurnRequest {
     pub connection: u64,
     #[prost(string, tag = "8")]
     pub request_id: ::prost::alloc::string::String,
+    /// Set when the edge re-issues a turn whose worker died or stalled mid-response: the new
+    /// worker continues that response instead of starting a new one.
+    #[prost(message, optional, tag = "9")]
+    pub resume: ::core::option::Option<Resume>,
+}
+/// A response in flight that moved to another worker. The edge has relayed some of its events;
+/// the new worker keeps the response's id and creation time, feeds `completion_text` through
+/// its output builder as if just generated, and asks the shard to continue the generation after
+/// `completion_ids` (the engine's own continuation). The edge then drops what it already relayed.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Resume {
+    #[prost(string, tag = "1")]
+    pub response_id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub created_at: u64,
+    /// The completion tokens the edge saw (`Event.progress_ids`), in order.
+    #[prost(uint32, repeated, tag = "3")]
+    pub completion_ids: ::prost::alloc::vec::Vec<u32>,
+    /// Their text, as the shard decoded it.
+    #[prost(string, tag = "4")]
+    pub completion_text: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -185,6 +207,16 @@ pub struct Event {
     /// edge can tell the router's share of the client's time to first token.
     #[prost(uint64, tag = "4")]
     pub engine_ttft_us: u64,
+    /// The completion tokens (and their text) the worker received from the shard since its
+    /// previous event: the edge keeps them to continue the response elsewhere (see Resume).
+    #[prost(uint32, repeated, tag = "5")]
+    pub progress_ids: ::prost::alloc::vec::Vec<u32>,
+    #[prost(string, tag = "6")]
+    pub progress_text: ::prost::alloc::string::String,
+    /// For a delta event (`*.delta`), the byte length of its `delta` string: the edge counts
+    /// what it relayed without parsing the event.
+    #[prost(uint32, tag = "7")]
+    pub delta_bytes: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

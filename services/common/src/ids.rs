@@ -85,9 +85,47 @@ pub fn item_id(prefix: &str) -> String {
     format!("{prefix}_{random:024x}")
 }
 
+/// The id (`msg`, `fc`, `call` prefix) of the output item at `output_index` of `response_id`:
+/// 96 bits derived from the response's id (itself 128 random bits), so a worker continuing a
+/// response another one started names its items exactly as the first did.
+pub fn derived_item_id(prefix: &str, response_id: &str, output_index: u32) -> String {
+    let hash = |seed: u8| {
+        let mut hash = crate::tokens::Fnv64::new();
+        hash.write(&[seed]);
+        hash.write(response_id.as_bytes());
+        hash.write(prefix.as_bytes());
+        hash.write(&output_index.to_le_bytes());
+        mix(hash.finish())
+    };
+    let bits = (u128::from(hash(1)) << 64 | u128::from(hash(2))) >> 32;
+    format!("{prefix}_{bits:024x}")
+}
+
+/// splitmix64's finalizer: spreads FNV's weak low bits over the word.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{ResponseId, SessionKey};
+    use super::{ResponseId, SessionKey, derived_item_id};
+
+    #[test]
+    fn derived_item_ids_are_stable_and_distinct() {
+        let one = ResponseId::new(SessionKey(1));
+        let two = ResponseId::new(SessionKey(1));
+        assert_eq!(derived_item_id("msg", one.as_str(), 0), derived_item_id("msg", one.as_str(), 0));
+        let ids: std::collections::HashSet<String> =
+            [("msg", &one, 0), ("msg", &one, 1), ("fc", &one, 1), ("call", &one, 1), ("msg", &two, 0)]
+                .iter()
+                .map(|(prefix, id, index)| derived_item_id(prefix, id.as_str(), *index))
+                .collect();
+        assert_eq!(ids.len(), 5);
+        let id = derived_item_id("fc", one.as_str(), 3);
+        assert!(id.starts_with("fc_") && id.len() == 3 + 24, "{id}");
+    }
 
     #[test]
     fn response_id_carries_its_session_key() {

@@ -251,8 +251,17 @@ impl<C: Clone + Send + Sync + 'static> NodeSet<C> {
     }
 }
 
+/// A connection that received nothing for this long is pinged.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(250);
+/// A ping not answered within this closes the connection and fails its calls, so a peer that
+/// stopped (SIGSTOP, a frozen VM, a partition) is noticed within interval + timeout, about a
+/// second, rather than when its lease expires: the edge continues the responses that were in
+/// flight on it elsewhere (see the edge's relay). The ping is answered by the peer's HTTP/2
+/// layer, not by its work, so a long prefill or a busy peer keeps its connections.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(600);
+
 /// Opens a lazily connected, persistent gRPC channel to a node's address: no Nagle delay, a
-/// short connect timeout and HTTP/2 keep-alives that notice a dead peer. With `tls` the
+/// short connect timeout and HTTP/2 keep-alives that notice a dead or stopped peer. With `tls` the
 /// address must be `https://host:port`: the channel speaks mutual TLS (the node must present a
 /// certificate from the cluster CA for `host`, and this node presents its own); without, it
 /// must be `http://host:port`. `None` for an address that is not a URL of the plane's scheme.
@@ -265,8 +274,8 @@ pub fn channel(addr: &str, tls: Option<&Tls>) -> Option<tonic::transport::Channe
         .ok()?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(1))
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
     if let Some(tls) = tls {
         endpoint = endpoint

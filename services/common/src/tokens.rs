@@ -45,6 +45,11 @@ impl PrefixHash {
         hash
     }
 
+    /// Resumes a hash from its [`Self::value`] (a prefix hash a peer sent).
+    pub const fn from_value(value: u64) -> Self {
+        PrefixHash(Fnv64(value))
+    }
+
     /// Extends the hash with the tokens that follow.
     pub fn extend(&mut self, tokens: &[u32]) {
         for token in tokens {

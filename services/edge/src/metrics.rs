@@ -9,6 +9,7 @@ pub const EVENTS_RELAYED: &str = "tether_edge_events_relayed_total";
 pub const FIRST_EVENT_SECONDS: &str = "tether_edge_first_event_seconds";
 pub const WORKER_ERRORS: &str = "tether_edge_worker_errors_total";
 pub const RESPONSES_FAILED_MIDSTREAM: &str = "tether_edge_responses_failed_midstream_total";
+pub const RESPONSES_RESUMED: &str = "tether_edge_responses_resumed_total";
 pub const IN_FLIGHT: &str = "tether_edge_in_flight_responses";
 pub const TURN_RETRIES: &str = "tether_edge_turn_retries_total";
 pub const ADMISSION_REFUSED: &str = "tether_edge_admission_refused_total";
@@ -25,6 +26,10 @@ pub fn describe() {
     metrics::describe_histogram!(FIRST_EVENT_SECONDS, metrics::Unit::Seconds, "Request to first relayed event");
     metrics::describe_counter!(WORKER_ERRORS, "Failed worker calls, by class");
     metrics::describe_counter!(RESPONSES_FAILED_MIDSTREAM, "Responses ended by the edge after their worker went away");
+    metrics::describe_counter!(
+        RESPONSES_RESUMED,
+        "Responses continued on another worker after theirs went away mid-stream"
+    );
     metrics::describe_gauge!(IN_FLIGHT, "Responses in progress, by tenant");
     metrics::describe_counter!(TURN_RETRIES, "Turns moved to another worker before any event");
     metrics::describe_counter!(ADMISSION_REFUSED, "Requests refused by a limit, by tenant and limit");

@@ -87,17 +87,34 @@ impl Shard for ShardService {
         }
         let request = request.into_inner();
         let session = request.session;
+        let resumed = request.resume_tokens;
+        if resumed as usize > request.tokens.len() {
+            return Err(Status::invalid_argument("resume_tokens exceeds the tokens sent"));
+        }
+        // The seed of a resumed generation is the prompt's without the output it resumes.
+        let fresh = request.tokens.len() - resumed as usize;
 
         // Resolve what the KV cache already holds for this session.
         let (cached, prompt_hash, prompt_len, new_tokens, full_prompt) = if request.full {
             let cached = self.cache.longest_prefix(session, &request.tokens);
-            let hash = PrefixHash::of(&request.tokens);
+            let hash = PrefixHash::of(&request.tokens[..fresh]);
             let new_tokens = request.tokens[cached as usize..].to_vec();
             (cached, hash, request.tokens.len() as u32, new_tokens, Some(request.tokens))
         } else {
             match self.cache.lookup_prefix(session, request.prefix_len, request.prefix_hash, &request.tokens) {
                 Lookup::Hit { cached, prompt_hash } => {
                     let prompt_len = cached + request.tokens.len() as u32;
+                    let prompt_hash = if resumed == 0 {
+                        prompt_hash
+                    } else {
+                        let mut seed = if cached == 0 {
+                            PrefixHash::default()
+                        } else {
+                            PrefixHash::from_value(request.prefix_hash)
+                        };
+                        seed.extend(&request.tokens[..fresh]);
+                        seed
+                    };
                     (cached, prompt_hash, prompt_len, request.tokens, None)
                 }
                 Lookup::Miss { held } => {
@@ -140,6 +157,7 @@ impl Shard for ShardService {
             new_tokens,
             prefix,
             prompt_hash: prompt_hash.value(),
+            resumed,
             sampling: request.sampling.unwrap_or_default(),
             tools: request.tools,
             hints: request.hints,

@@ -1,6 +1,7 @@
 //! The worker's metrics, described once at startup. Labels have bounded cardinality.
 
 pub const TURNS: &str = "tether_worker_turns_total";
+pub const TURNS_RESUMED: &str = "tether_worker_turns_resumed_total";
 pub const TURN_SECONDS: &str = "tether_worker_turn_seconds";
 pub const PREPARE_SECONDS: &str = "tether_worker_prepare_seconds";
 pub const RENDERED_TOKENS: &str = "tether_worker_rendered_tokens_total";
@@ -28,6 +29,10 @@ pub const FENCED: &str = "tether_worker_fenced_total";
 
 pub fn describe() {
     metrics::describe_counter!(TURNS, "Turns by outcome");
+    metrics::describe_counter!(
+        TURNS_RESUMED,
+        "Responses continued here after their first worker went away mid-response"
+    );
     metrics::describe_histogram!(TURN_SECONDS, metrics::Unit::Seconds, "Turn duration on the worker");
     metrics::describe_histogram!(PREPARE_SECONDS, metrics::Unit::Seconds, "Resolve, validate, safety and render time");
     metrics::describe_counter!(RENDERED_TOKENS, "Tokens rendered, by path (incremental or full)");

@@ -51,6 +51,7 @@ async fn count_inner(state: &EdgeState, request: Request, request_id: &str) -> R
         stream_id: String::new(),
         connection: 0,
         request_id: request_id.to_owned(),
+        resume: None,
     };
     match ask(state, turn).await {
         Ok(json) => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response(),

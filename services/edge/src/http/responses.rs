@@ -126,6 +126,7 @@ async fn create_inner(state: &EdgeState, headers: &HeaderMap, request: Request, 
         stream_id: String::new(),
         connection: 0,
         request_id: request_id.to_owned(),
+        resume: None,
     };
     let mut relay = match relay::start_routed(state, key, turn).await {
         Ok(relay) => relay,

@@ -294,6 +294,7 @@ async fn run_create(
         stream_id: stream_id.clone().unwrap_or_default(),
         connection,
         request_id,
+        resume: None,
     };
     match relay::start_routed(&state, key, turn).await {
         Err(error) => {

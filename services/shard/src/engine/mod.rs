@@ -38,8 +38,13 @@ pub struct Job {
     /// The cached prefix itself (`cached` tokens), for an engine that sends the whole prompt
     /// every turn ([`Engine::wants_prefix`]); empty for the others.
     pub prefix: Vec<u32>,
-    /// Hash of the whole prompt: the deterministic seed of the sim engine.
+    /// Hash of the prompt without its resumed output (see [`Job::resumed`]): the
+    /// deterministic seed of the sim engine and of sampling.
     pub prompt_hash: u64,
+    /// The last `resumed` prompt tokens are this response's own output so far (its worker went
+    /// away mid-response): the engine continues the same generation after them, and
+    /// `sampling.max_output_tokens` counts only the rest.
+    pub resumed: u32,
     pub sampling: Sampling,
     pub tools: Option<ToolSpec>,
     pub hints: HashMap<String, String>,

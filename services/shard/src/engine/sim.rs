@@ -121,11 +121,13 @@ impl SimEngine {
                 self.pieces(&self.structured_answer(kind, format, job.prompt_hash)?)
             }
         };
+        // A resumed job plans the whole output of the original request and skips what was
+        // already produced (see `run`): its budget and room count that part too.
         let requested = match job.sampling.max_output_tokens {
             0 => u32::MAX,
-            max => max,
+            max => max.saturating_add(job.resumed),
         };
-        let room = self.config.context_window.saturating_sub(job.prompt_len);
+        let room = self.config.context_window.saturating_sub(job.prompt_len - job.resumed);
         let budget = requested.min(room);
         let (limit, reason) =
             if natural > budget { (budget, FinishReason::Length) } else { (natural, FinishReason::Stop) };
@@ -289,6 +291,8 @@ impl Engine for SimEngine {
             }
 
             let mut generator = self.plan_output(&job)?;
+            // Continuing a response: the output so far is in the prompt; produce the rest.
+            while generator.emitted < job.resumed && self.next_piece(&mut generator).is_some() {}
             let first = started + prefill;
             let mut completion = Vec::new();
             let mut pending = Piece { ids: Vec::new(), text: String::new() };
@@ -363,6 +367,7 @@ mod tests {
             new_tokens: vec![1; prompt_len as usize],
             prefix: Vec::new(),
             prompt_hash: 7,
+            resumed: 0,
             sampling: Sampling { max_output_tokens, ..Default::default() },
             tools: None,
             hints: hints.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<HashMap<_, _>>(),
@@ -406,6 +411,31 @@ mod tests {
         assert_eq!(first.reason, FinishReason::Stop);
         assert_eq!(first.completion, again.completion);
         assert_eq!(*first.completion.last().unwrap(), engine.period, "an answer ends with a period");
+    }
+
+    #[tokio::test]
+    async fn a_resumed_job_continues_with_exactly_the_rest() {
+        let engine = engine(32_768);
+        let hints = [("tether_sim_output_tokens", "40")];
+        let whole = run(&engine, job(10, 30, &hints)).await;
+        assert_eq!((whole.completion.len(), whole.reason), (30, FinishReason::Length));
+        for done in [0usize, 1, 17, 29] {
+            // The prompt now ends with the output so far; the budget counts the rest only.
+            let resumed = super::Job {
+                prompt_len: 10 + done as u32,
+                new_tokens: vec![1; 10 + done],
+                resumed: done as u32,
+                ..job(10, 30 - done as u32, &hints)
+            };
+            let rest = run(&engine, resumed).await;
+            assert_eq!(rest.completion, whole.completion[done..], "resumed after {done} tokens");
+            assert_eq!(rest.reason, FinishReason::Length);
+        }
+        let natural = run(&engine, job(10, 0, &hints)).await;
+        let resumed = super::Job { prompt_len: 15, new_tokens: vec![1; 15], resumed: 5, ..job(10, 0, &hints) };
+        let rest = run(&engine, resumed).await;
+        assert_eq!(rest.completion, natural.completion[5..]);
+        assert_eq!(rest.reason, FinishReason::Stop);
     }
 
     fn json_job(max_output_tokens: u32, kind: OutputFormatKind, schema: &serde_json::Value) -> Job {

@@ -41,17 +41,53 @@ pub struct Emitter {
     sent_any: bool,
     /// The engine's time to first token, sent on the terminal event (see [`Self::engine_ttft`]).
     engine_ttft_us: u64,
+    /// Completion tokens (and text) received since the last event, sent with the next one.
+    progress_ids: Vec<u32>,
+    progress_text: String,
 }
 
 impl Emitter {
     pub fn new(sink: TurnSink, stream_id: Option<String>, final_only: bool) -> Self {
-        Emitter { sink, sequence: 0, stream_id, final_only, pending: None, sent_any: false, engine_ttft_us: 0 }
+        Emitter {
+            sink,
+            sequence: 0,
+            stream_id,
+            final_only,
+            pending: None,
+            sent_any: false,
+            engine_ttft_us: 0,
+            progress_ids: Vec::new(),
+            progress_text: String::new(),
+        }
     }
 
     /// The engine's own time to the first token (queue + prefill) of this response, carried by
     /// the terminal event so the edge can tell the router's share of the client's TTFT.
     pub fn engine_ttft(&mut self, elapsed: std::time::Duration) {
         self.engine_ttft_us = elapsed.as_micros() as u64;
+    }
+
+    /// Notes completion tokens received from the shard: they travel with the next event, so
+    /// the edge always knows the tokens behind what it relayed and can continue the response
+    /// on another worker (see `Resume` in the worker protocol).
+    pub fn progress(&mut self, ids: &[u32], text: &str) {
+        if !self.final_only {
+            self.progress_ids.extend_from_slice(ids);
+            self.progress_text.push_str(text);
+        }
+    }
+
+    /// An event carrying the progress noted since the previous one.
+    fn event(&mut self, event_type: &str, json: Vec<u8>, terminal: bool, delta_bytes: usize) -> Event {
+        Event {
+            event_type: event_type.into(),
+            json,
+            terminal,
+            engine_ttft_us: if terminal { self.engine_ttft_us } else { 0 },
+            progress_ids: std::mem::take(&mut self.progress_ids),
+            progress_text: std::mem::take(&mut self.progress_text),
+            delta_bytes: delta_bytes as u32,
+        }
     }
 
     /// Whether any event of this response has been sent (after that, failures are events).
@@ -84,13 +120,8 @@ impl Emitter {
         }
         let Value::Object(fields) = fields else { unreachable!("event fields are an object") };
         let json = self.serialize(event_type, fields);
-        self.send(turn_event::Kind::Event(Event {
-            event_type: event_type.into(),
-            json,
-            terminal: false,
-            engine_ttft_us: 0,
-        }))
-        .await
+        let event = self.event(event_type, json, false, 0);
+        self.send(turn_event::Kind::Event(event)).await
     }
 
     /// Sends the terminal event; in final-only mode, the Response object with `status`.
@@ -103,14 +134,8 @@ impl Emitter {
         let mut fields = Map::new();
         fields.insert("response".into(), response);
         let json = self.serialize(event_type, fields);
-        let engine_ttft_us = self.engine_ttft_us;
-        self.send(turn_event::Kind::Event(Event {
-            event_type: event_type.into(),
-            json,
-            terminal: true,
-            engine_ttft_us,
-        }))
-        .await
+        let event = self.event(event_type, json, true, 0);
+        self.send(turn_event::Kind::Event(event)).await
     }
 
     /// Queues a text delta, sending it at once unless the outgoing queue is full.
@@ -143,6 +168,7 @@ impl Emitter {
     /// Sends the pending delta, if any.
     pub async fn flush(&mut self) -> Result<(), Closed> {
         let Some(pending) = self.pending.take() else { return Ok(()) };
+        let delta_bytes = pending.text.len();
         let (event_type, fields) = match pending.kind {
             DeltaKind::Text => (
                 "response.output_text.delta",
@@ -165,7 +191,7 @@ impl Emitter {
         };
         let Value::Object(fields) = fields else { unreachable!() };
         let json = self.serialize(event_type, fields);
-        let event = Event { event_type: event_type.into(), json, terminal: false, engine_ttft_us: 0 };
+        let event = self.event(event_type, json, false, delta_bytes);
         self.send(turn_event::Kind::Event(event)).await
     }
 }

@@ -8,8 +8,9 @@ use std::collections::HashMap;
 
 use tether_proto::shard::v1::generate_chunk::Kind;
 use tether_proto::shard::v1::{
-    Finished, GenerateRequest, OutputFormat, OutputFormatKind, Sampling, ToolChoice, ToolSpec,
+    FinishReason, Finished, GenerateRequest, OutputFormat, OutputFormatKind, Sampling, ToolChoice, ToolSpec,
 };
+use tether_proto::worker::v1::Resume;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -78,6 +79,7 @@ pub fn generate_request(prepared: &Prepared, prefill_only: bool) -> GenerateRequ
         hints,
         prefill_only,
         output_format: output_format(&request.text_format),
+        resume_tokens: 0,
     }
 }
 
@@ -100,9 +102,13 @@ fn output_format(format: &TextFormat) -> Option<OutputFormat> {
 /// Runs the generation, streaming output events through `builder`. Errors after the first
 /// output event are final (the caller ends the response with `response.failed`). A fired
 /// `cancel` ends it at once with what was generated so far.
+///
+/// A `resumed` response (its first worker went away mid-response) first replays the output it
+/// already had through `builder`, then asks the shard to continue the generation after it.
 pub async fn generate(
     ctx: &WorkerContext,
     prepared: &Prepared,
+    resumed: Option<&Resume>,
     prefill_only: bool,
     emitter: &mut Emitter,
     builder: &mut OutputBuilder,
@@ -112,7 +118,30 @@ pub async fn generate(
     if candidates.is_empty() {
         return Err(WorkerError::NoShard);
     }
+    let (done, done_text) = resumed.map_or((&[][..], ""), |r| (&r.completion_ids[..], r.completion_text.as_str()));
+    if builder.push(emitter, done_text).await == Err(Closed) {
+        return Ok(Generation::Closed);
+    }
     let mut request = generate_request(prepared, prefill_only);
+    if !done.is_empty() {
+        request.tokens.extend_from_slice(done);
+        request.resume_tokens = done.len() as u32;
+        if let Some(sampling) = request.sampling.as_mut()
+            && sampling.max_output_tokens > 0
+        {
+            if sampling.max_output_tokens <= request.resume_tokens {
+                // The first worker went away just as the output reached its limit.
+                let finished = Finished { reason: FinishReason::Length as i32, ..Default::default() };
+                return Ok(Generation::Finished { finished, completion: done.to_vec(), shard: String::new() });
+            }
+            sampling.max_output_tokens -= request.resume_tokens;
+        }
+    }
+    let full_prompt = || {
+        let mut prompt = prepared.full_prompt();
+        prompt.extend_from_slice(done);
+        prompt
+    };
     let mut last_error = WorkerError::NoShard;
     for (attempt, (shard_id, shard)) in candidates.iter().enumerate() {
         if attempt > 0 {
@@ -120,7 +149,7 @@ pub async fn generate(
             request.full = true;
             request.prefix_len = 0;
             request.prefix_hash = 0;
-            request.tokens = prepared.full_prompt();
+            request.tokens = full_prompt();
             metrics::counter!(m::SHARD_FAILOVERS).increment(1);
         }
         let mut resent = false;
@@ -137,7 +166,7 @@ pub async fn generate(
                     return Err(last_error);
                 }
             };
-            let mut completion = Vec::new();
+            let mut completion = done.to_vec();
             let mut produced = false;
             loop {
                 let next = tokio::select! {
@@ -167,7 +196,7 @@ pub async fn generate(
                         request.full = true;
                         request.prefix_len = 0;
                         request.prefix_hash = 0;
-                        request.tokens = prepared.full_prompt();
+                        request.tokens = full_prompt();
                         resent = true;
                         continue 'resend;
                     }
@@ -177,6 +206,7 @@ pub async fn generate(
                     Some(Kind::Tokens(tokens)) => {
                         produced = true;
                         completion.extend_from_slice(&tokens.ids);
+                        emitter.progress(&tokens.ids, &tokens.text);
                         if builder.push(emitter, &tokens.text).await == Err(Closed) {
                             return Ok(Generation::Closed);
                         }

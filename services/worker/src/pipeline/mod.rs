@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tether_common::ResponseId;
 use tether_common::tokens::PrefixHash;
 use tether_proto::shard::v1::FinishReason;
-use tether_proto::worker::v1::{Delivery, TurnEvent, TurnRequest, turn_event};
+use tether_proto::worker::v1::{Delivery, Resume, TurnEvent, TurnRequest, turn_event};
 use tracing::Instrument;
 
 use self::infer::Generation;
@@ -115,12 +115,26 @@ enum Outcome {
     Closed,
 }
 
+/// The response a turn continues (its worker went away mid-response; see `Resume`), or a new
+/// one: its id and creation time.
+/// A resume naming a response of another session is ignored (the turn starts afresh).
+fn response_identity<'a>(turn: &'a TurnRequest, prepared: &Prepared) -> (ResponseId, u64, Option<&'a Resume>) {
+    if let Some(resume) = &turn.resume
+        && let Some(id) = ResponseId::parse(&resume.response_id)
+        && id.session_key() == prepared.session
+    {
+        metrics::counter!(m::TURNS_RESUMED).increment(1);
+        return (id, resume.created_at, Some(resume));
+    }
+    (ResponseId::new(prepared.session), now_unix(), None)
+}
+
 async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepared, emitter: &mut Emitter) -> Outcome {
-    let id = ResponseId::new(prepared.session);
+    let (id, created_at, resumed) = response_identity(turn, &prepared);
     // In flight from here until this function returns (the guard leaves on every path).
     let registration = ctx.in_flight.register(&turn.tenant, id.as_str());
     let parent_id = prepared.parent.as_ref().map(|parent| parent.id.clone());
-    let template = ResponseTemplate::new(id.as_str(), now_unix(), &prepared.request, parent_id.as_deref());
+    let template = ResponseTemplate::new(id.as_str(), created_at, &prepared.request, parent_id.as_deref());
     let in_progress = template.snapshot("in_progress", |_| {});
     if emitter.emit("response.created", json!({"response": in_progress})).await.is_err()
         || emitter.emit("response.in_progress", json!({"response": in_progress})).await.is_err()
@@ -128,12 +142,17 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
         return Outcome::Closed;
     }
 
-    let mut builder = OutputBuilder::new();
+    let mut builder = OutputBuilder::new(id.as_str());
     let prefill_only = !prepared.request.generate;
     let cancel = registration.cancelled();
-    let span = tracing::info_span!("worker.infer", prefill_only, new_tokens = prepared.new_tokens.len());
+    let span = tracing::info_span!(
+        "worker.infer",
+        prefill_only,
+        new_tokens = prepared.new_tokens.len(),
+        resumed = resumed.map_or(0, |r| r.completion_ids.len())
+    );
     let generation =
-        infer::generate(ctx, &prepared, prefill_only, emitter, &mut builder, cancel).instrument(span).await;
+        infer::generate(ctx, &prepared, resumed, prefill_only, emitter, &mut builder, cancel).instrument(span).await;
     let (finished, completion, shard, cancelled) = match generation {
         Ok(Generation::Finished { finished, completion, shard }) => (finished, completion, shard, false),
         // Stored and continued like an incomplete response: the shard kept nothing of the
@@ -168,14 +187,19 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
     if !completion.is_empty() {
         emitter.engine_ttft(std::time::Duration::from_micros(timings.queue_us + timings.prefill_us));
     }
-    let prompt_tokens =
-        if shard_usage.prompt_tokens > 0 { shard_usage.prompt_tokens } else { prepared_prompt_len(&prepared) };
+    // A resumed generation's prompt held the response's earlier output: count it as output.
+    let resumed_len = resumed.map_or(0, |resume| resume.completion_ids.len() as u32);
+    let prompt_tokens = match shard_usage.prompt_tokens.saturating_sub(resumed_len) {
+        0 => prepared_prompt_len(&prepared),
+        shard => shard,
+    };
+    let cached_tokens = shard_usage.cached_tokens.min(prompt_tokens);
     let response = template.snapshot(status, |object| {
         if !cancelled {
             object.insert("completed_at".into(), json!(now_unix()));
         }
         object.insert("output".into(), Value::Array(builder.output.clone()));
-        object.insert("usage".into(), usage(prompt_tokens, shard_usage.cached_tokens, completion.len() as u32));
+        object.insert("usage".into(), usage(prompt_tokens, cached_tokens, completion.len() as u32));
         if incomplete {
             object.insert("incomplete_details".into(), json!({"reason": "max_output_tokens"}));
         }

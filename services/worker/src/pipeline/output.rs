@@ -12,7 +12,7 @@
 //! the conversation state: only complete calls are.
 
 use serde_json::{Value, json};
-use tether_common::ids::item_id;
+use tether_common::ids::derived_item_id;
 use tether_common::tokenizer::TOOL_CALL_OPEN;
 
 use super::tool_stream::{CallParser, Step};
@@ -35,6 +35,9 @@ struct OpenCall {
 
 #[derive(Default)]
 pub struct OutputBuilder {
+    /// The response's id: item ids derive from it and the item's index, so a worker that
+    /// continues the response after another one names the items as the first did.
+    response_id: String,
     buffer: String,
     /// The tool call span being read, if inside one.
     call: Option<CallParser>,
@@ -50,8 +53,12 @@ pub struct OutputBuilder {
 }
 
 impl OutputBuilder {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(response_id: &str) -> Self {
+        OutputBuilder { response_id: response_id.to_owned(), ..Self::default() }
+    }
+
+    fn item_id(&self, prefix: &str, output_index: u32) -> String {
+        derived_item_id(prefix, &self.response_id, output_index)
     }
 
     /// Whether the model wrote a call that was opened and then turned out malformed.
@@ -145,7 +152,8 @@ impl OutputBuilder {
                 self.leading_space.push_str(text);
                 return Ok(());
             }
-            let message = OpenMessage { id: item_id("msg"), output_index: self.next_index(), text: String::new() };
+            let output_index = self.next_index();
+            let message = OpenMessage { id: self.item_id("msg", output_index), output_index, text: String::new() };
             emitter
                 .emit("response.output_item.added", json!({
                     "output_index": message.output_index,
@@ -195,11 +203,12 @@ impl OutputBuilder {
 
     async fn open_call(&mut self, emitter: &mut Emitter, name: String) -> Result<(), Closed> {
         self.close_message(emitter, "completed").await?;
+        let output_index = self.next_index();
         let call = OpenCall {
-            id: item_id("fc"),
-            call_id: item_id("call"),
+            id: self.item_id("fc", output_index),
+            call_id: self.item_id("call", output_index),
             name,
-            output_index: self.next_index(),
+            output_index,
             arguments: String::new(),
         };
         let item = call_item(&call, "in_progress", "");
@@ -269,7 +278,7 @@ mod tests {
     async fn events_to(pieces: &[&str], status: &str) -> (OutputBuilder, Vec<Value>) {
         let (tx, mut rx) = mpsc::channel(4096);
         let mut emitter = Emitter::new(tx, None, false);
-        let mut builder = OutputBuilder::new();
+        let mut builder = OutputBuilder::new("resp_test");
         for piece in pieces {
             builder.push(&mut emitter, piece).await.unwrap();
         }

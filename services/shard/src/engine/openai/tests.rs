@@ -172,6 +172,7 @@ fn job() -> Job {
         new_tokens: b"lo".iter().map(|&b| u32::from(b)).collect(),
         prefix: b"hel".iter().map(|&b| u32::from(b)).collect(),
         prompt_hash: 0,
+        resumed: 0,
         sampling: Default::default(),
         tools: None,
         hints: Default::default(),
