@@ -486,6 +486,8 @@ async fn mutual_tls_between_processes_serves_and_drains() {
 enum Fault {
     Kill,
     Freeze,
+    /// SIGKILL the shard generating the responses (their worker lives on).
+    KillShard,
 }
 
 /// One long streamed response, as its client saw it.
@@ -524,13 +526,18 @@ impl Streamed {
         response
     }
 
-    /// The gap in deltas around `fault`: from it to the first delta after it.
-    fn resumed_after(&self, fault: Instant) -> Option<Duration> {
-        self.events
-            .iter()
-            .zip(&self.at)
-            .find(|(e, at)| **at > fault && e["type"] == "response.output_text.delta")
-            .map(|(_, at)| at.saturating_duration_since(fault))
+    /// The stall the fault caused: the longest wait for a delta after it (from the fault, or
+    /// from the previous delta).
+    fn stall_after(&self, fault: Instant) -> Duration {
+        let mut previous = fault;
+        let mut longest = Duration::ZERO;
+        for (event, at) in self.events.iter().zip(&self.at) {
+            if *at > fault && event["type"] == "response.output_text.delta" {
+                longest = longest.max(at.saturating_duration_since(previous));
+                previous = *at;
+            }
+        }
+        longest
     }
 }
 
@@ -579,14 +586,17 @@ async fn stream_sse(url: String, mut body: Value, deltas: usize, started: tokio:
 }
 
 /// Long responses streaming from a worker that is SIGKILLed or SIGSTOPped continue on the
-/// key's next owner: each client sees one response, exactly the text an undisturbed run
-/// produces, with no failed turn.
+/// key's next owner, and from a SIGKILLed shard on the next shard: each client sees one
+/// response, exactly the text an undisturbed run produces, with no failed turn.
 async fn streams_in_flight_survive(fault: Fault) {
     let _serial = SERIAL.lock().await;
     let name = format!("resume-{fault:?}").to_lowercase();
     // 200 tokens/s: a 1,000-token answer streams for ~5 s, the fault lands in its middle.
     let mut cluster = ProcessCluster::start_full(&name, false, &["--sim-decode-tps", "200"]).await;
-    let victim = "worker-0";
+    let (role, victim) = match fault {
+        Fault::KillShard => ("shard", "shard-0"),
+        Fault::Kill | Fault::Freeze => ("worker", "worker-0"),
+    };
 
     // Chains whose key worker-0 owns: short first turns until three land there.
     let mut parents = Vec::new();
@@ -597,7 +607,7 @@ async fn streams_in_flight_survive(fault: Fault) {
             .create(json!({"model": "tether-sim", "input": format!("chain {i}"), "metadata": {"tether_sim_output_tokens": "4"}}))
             .await;
         let response = client::final_response(&events);
-        if response["x_tether"]["worker"] == victim {
+        if response["x_tether"][role] == victim {
             parents.push(response["id"].as_str().unwrap().to_owned());
         }
         if parents.len() == 3 {
@@ -621,18 +631,22 @@ async fn streams_in_flight_survive(fault: Fault) {
         wait::within(Duration::from_secs(30), "streams under way", ready.recv()).await;
     }
     tracing::info!("--- {fault:?} {victim} with three responses streaming from it");
-    let index = cluster.worker_index(victim);
+    let index = match fault {
+        Fault::KillShard => cluster._shards.iter().position(|s| s.name == victim).unwrap(),
+        Fault::Kill | Fault::Freeze => cluster.worker_index(victim),
+    };
     let fault_at = Instant::now();
     match fault {
         Fault::Kill => cluster.workers[index].kill(),
         Fault::Freeze => cluster.workers[index].freeze(),
+        Fault::KillShard => cluster._shards[index].kill(),
     }
     let mut seen = Vec::new();
     for stream in streams {
         seen.push(wait::within(Duration::from_secs(60), "the streams end", stream).await.unwrap());
     }
-    let gaps: Vec<Duration> = seen.iter().filter_map(|s| s.resumed_after(fault_at)).collect();
-    println!("{name}: first delta after the fault {gaps:?}");
+    let stalls: Vec<Duration> = seen.iter().map(|s| s.stall_after(fault_at)).collect();
+    println!("{name}: longest wait for a delta after the fault {stalls:?}");
 
     // The undisturbed run: the same request again (the same parent, the same input).
     let mut ws = WsClient::connect(&cluster.ws_url(), None).await.unwrap();
@@ -643,10 +657,13 @@ async fn streams_in_flight_survive(fault: Fault) {
         assert_eq!(reference["status"], "completed");
         assert_eq!(client::output_text(response), client::output_text(reference), "stream {i}: the same text");
         assert_eq!(response["usage"]["output_tokens"], reference["usage"]["output_tokens"], "stream {i}");
-        assert_ne!(response["x_tether"]["worker"], victim, "stream {i} ended elsewhere");
+        assert_ne!(response["x_tether"][role], victim, "stream {i} ended elsewhere");
     }
-    let resumed = tether_tests::scrape::metric_sum(&cluster.edge.url(), "tether_edge_responses_resumed_total").await;
-    assert!(resumed >= 3.0, "three responses continued ({resumed})");
+    if let Fault::Kill | Fault::Freeze = fault {
+        let resumed =
+            tether_tests::scrape::metric_sum(&cluster.edge.url(), "tether_edge_responses_resumed_total").await;
+        assert!(resumed >= 3.0, "three responses continued ({resumed})");
+    }
     let failed =
         tether_tests::scrape::metric_sum(&cluster.edge.url(), "tether_edge_responses_failed_midstream_total").await;
     assert_eq!(failed, 0.0);
@@ -674,4 +691,9 @@ async fn streams_in_flight_on_a_killed_worker_continue_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_in_flight_on_a_frozen_worker_continue_elsewhere() {
     streams_in_flight_survive(Fault::Freeze).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_in_flight_on_a_killed_shard_continue_on_another() {
+    streams_in_flight_survive(Fault::KillShard).await;
 }

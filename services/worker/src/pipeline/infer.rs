@@ -104,7 +104,9 @@ fn output_format(format: &TextFormat) -> Option<OutputFormat> {
 /// `cancel` ends it at once with what was generated so far.
 ///
 /// A `resumed` response (its first worker went away mid-response) first replays the output it
-/// already had through `builder`, then asks the shard to continue the generation after it.
+/// already had through `builder`, then asks the shard to continue the generation after it. A
+/// shard that goes away mid-generation is replaced the same way: the next shard continues after
+/// the tokens already produced, so the client sees one uninterrupted answer.
 pub async fn generate(
     ctx: &WorkerContext,
     prepared: &Prepared,
@@ -123,37 +125,24 @@ pub async fn generate(
         return Ok(Generation::Closed);
     }
     let mut request = generate_request(prepared, prefill_only);
-    if !done.is_empty() {
-        request.tokens.extend_from_slice(done);
-        request.resume_tokens = done.len() as u32;
-        if let Some(sampling) = request.sampling.as_mut()
-            && sampling.max_output_tokens > 0
-        {
-            if sampling.max_output_tokens <= request.resume_tokens {
-                // The first worker went away just as the output reached its limit.
-                let finished = Finished { reason: FinishReason::Length as i32, ..Default::default() };
-                return Ok(Generation::Finished { finished, completion: done.to_vec(), shard: String::new() });
-            }
-            sampling.max_output_tokens -= request.resume_tokens;
-        }
-    }
-    let full_prompt = || {
-        let mut prompt = prepared.full_prompt();
-        prompt.extend_from_slice(done);
-        prompt
-    };
+    let budget = request.sampling.as_ref().map_or(0, |sampling| sampling.max_output_tokens);
+    // The output so far (continued after), and whether the shard needs the whole prompt.
+    let mut so_far = done.to_vec();
+    let mut full = prepared.full;
     let mut last_error = WorkerError::NoShard;
     for (attempt, (shard_id, shard)) in candidates.iter().enumerate() {
         if attempt > 0 {
             // Another shard holds nothing of this session: send everything.
-            request.full = true;
-            request.prefix_len = 0;
-            request.prefix_hash = 0;
-            request.tokens = full_prompt();
+            full = true;
             metrics::counter!(m::SHARD_FAILOVERS).increment(1);
         }
         let mut resent = false;
         'resend: loop {
+            if !continue_after(&mut request, prepared, &so_far, full, budget) {
+                // The output reached its limit just as its worker or shard went away.
+                let finished = Finished { reason: FinishReason::Length as i32, ..Default::default() };
+                return Ok(Generation::Finished { finished, completion: so_far, shard: String::new() });
+            }
             let mut stream = match shard.generate(request.clone()).await {
                 Ok(stream) => stream,
                 Err(status) => {
@@ -166,37 +155,37 @@ pub async fn generate(
                     return Err(last_error);
                 }
             };
-            let mut completion = done.to_vec();
-            let mut produced = false;
+            let mut completion = so_far.clone();
             loop {
                 let next = tokio::select! {
                     biased;
                     () = cancel.cancelled() => return Ok(Generation::Cancelled { completion }),
                     next = stream.next() => next,
                 };
-                let Some(chunk) = next else { break };
-                let chunk = match chunk {
-                    Ok(chunk) => chunk,
-                    Err(status) => {
-                        tracing::warn!(shard = %shard_id, code = ?status.code(), produced, "shard stream broke");
+                let chunk = match next {
+                    Some(Ok(chunk)) => chunk,
+                    Some(Err(status)) => {
+                        tracing::warn!(shard = %shard_id, code = ?status.code(), produced = completion.len() - so_far.len(), "shard stream broke");
                         last_error = WorkerError::Shard(status);
-                        if last_error.class().is_retryable() {
-                            ctx.shards.eject(shard_id);
+                        if !last_error.class().is_retryable() {
+                            return Err(last_error);
                         }
-                        if !produced && last_error.class().is_retryable() {
-                            break 'resend;
-                        }
-                        return Err(last_error);
+                        ctx.shards.eject(shard_id);
+                        so_far = completion;
+                        break 'resend;
+                    }
+                    None => {
+                        last_error =
+                            WorkerError::Shard(tonic::Status::unavailable("shard stream ended without finishing"));
+                        so_far = completion;
+                        break 'resend;
                     }
                 };
                 match chunk.kind {
                     Some(Kind::CacheMiss(miss)) if !resent => {
                         tracing::debug!(shard = %shard_id, held = miss.held_len, "shard cache miss; resending the full prompt");
                         metrics::counter!(m::SHARD_RESENDS).increment(1);
-                        request.full = true;
-                        request.prefix_len = 0;
-                        request.prefix_hash = 0;
-                        request.tokens = full_prompt();
+                        full = true;
                         resent = true;
                         continue 'resend;
                     }
@@ -204,7 +193,6 @@ pub async fn generate(
                         return Err(WorkerError::Shard(tonic::Status::internal("shard missed a full prompt")));
                     }
                     Some(Kind::Tokens(tokens)) => {
-                        produced = true;
                         completion.extend_from_slice(&tokens.ids);
                         emitter.progress(&tokens.ids, &tokens.text);
                         if builder.push(emitter, &tokens.text).await == Err(Closed) {
@@ -217,12 +205,35 @@ pub async fn generate(
                     None => {}
                 }
             }
-            last_error = WorkerError::Shard(tonic::Status::unavailable("shard stream ended without finishing"));
-            if produced {
-                return Err(last_error);
-            }
-            break 'resend;
         }
     }
     Err(last_error)
+}
+
+/// Points `request` at the generation after `so_far` (this response's output already
+/// produced): the prompt (whole when `full`, else after the claimed prefix) followed by it, and
+/// the rest of the `budget` (0: none). False when the budget is spent.
+fn continue_after(request: &mut GenerateRequest, prepared: &Prepared, so_far: &[u32], full: bool, budget: u32) -> bool {
+    let done = so_far.len() as u32;
+    if budget > 0 && done >= budget {
+        return false;
+    }
+    if full && !request.full {
+        request.full = true;
+        request.prefix_len = 0;
+        request.prefix_hash = 0;
+        request.tokens = prepared.full_prompt();
+        request.resume_tokens = 0;
+    }
+    // The tokens end with the previous attempt's output so far: replace it.
+    let prompt = request.tokens.len() - request.resume_tokens as usize;
+    request.tokens.truncate(prompt);
+    request.tokens.extend_from_slice(so_far);
+    request.resume_tokens = done;
+    if let Some(sampling) = request.sampling.as_mut()
+        && budget > 0
+    {
+        sampling.max_output_tokens = budget - done;
+    }
+    true
 }
