@@ -164,7 +164,7 @@ mod tests {
                         ..TurnSample::default()
                     });
                 }
-                ModeRun { mode, elapsed: Duration::from_secs(1), stats, skipped: None }
+                ModeRun { mode, elapsed: Duration::from_secs(1), stats, cpu: Vec::new(), skipped: None }
             })
             .collect();
         let report = crate::report::build(&config, &runs);

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 
+use crate::cpu::CpuTarget;
 use crate::scenario::{LatencyDist, WorkloadConfig};
 
 /// How a mode drives tether.
@@ -107,6 +108,10 @@ pub struct Args {
     #[arg(long, env = "TETHER_LOADTEST_SEED", help_heading = "Workflow")]
     pub seed: Option<u64>,
 
+    /// Processes whose CPU time (`/proc/PID/stat`) is reported per mode and per turn:
+    /// `PID` or `LABEL=PID` (repeatable or comma-separated).
+    #[arg(long, env = "TETHER_LOADTEST_CPU_PID", value_delimiter = ',', help_heading = "Output")]
+    pub cpu_pid: Vec<CpuTarget>,
     /// Write the full report as JSON.
     #[arg(long, env = "TETHER_LOADTEST_JSON", help_heading = "Output")]
     pub json: Option<PathBuf>,
@@ -164,6 +169,8 @@ pub struct Config {
     #[serde(with = "duration_ms", rename = "request_timeout_ms")]
     pub request_timeout: Duration,
     pub workload: WorkloadConfig,
+    /// Processes whose CPU time is measured around each mode.
+    pub cpu: Vec<CpuTarget>,
     #[serde(skip)]
     pub outputs: Outputs,
 }
@@ -214,6 +221,7 @@ impl TryFrom<Args> for Config {
                 output_tokens: args.output_tokens,
                 seed,
             },
+            cpu: args.cpu_pid,
             outputs: Outputs {
                 json: args.json,
                 markdown: args.markdown,
@@ -265,5 +273,13 @@ mod tests {
         let config = Config::try_from(args).unwrap();
         assert_eq!(config.modes, vec![Mode::Ws, Mode::Direct, Mode::HttpFull]);
         assert!(matches!(config.load, Load::Closed { agents: 8 }));
+    }
+
+    #[test]
+    fn cpu_pids_take_optional_labels() {
+        let args = Args::parse_from(["lt", "--cpu-pid", "tether=10,11", "--cpu-pid", "router=12"]);
+        let config = Config::try_from(args).unwrap();
+        let labels: Vec<String> = config.cpu.iter().map(|t| t.to_string()).collect();
+        assert_eq!(labels, ["tether=10", "pid 11=11", "router=12"]);
     }
 }

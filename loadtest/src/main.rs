@@ -7,6 +7,7 @@
 
 mod chart;
 mod config;
+mod cpu;
 mod driver;
 mod output;
 mod report;

@@ -16,9 +16,11 @@ pub fn settings_line(config: &Config) -> String {
         Load::Open { rate, max_in_flight } => format!("rate={rate}/s max_in_flight={max_in_flight}"),
     };
     let w = &config.workload;
+    let cpu: Vec<String> = config.cpu.iter().map(|target| target.to_string()).collect();
+    let cpu = if cpu.is_empty() { String::new() } else { format!(" cpu_pids={}", cpu.join(",")) };
     format!(
         "url={} modes={} {load} workflows={} warmup={} duration={} turns={} tool_latency={} input_tokens={} \
-         tool_output_bytes={} output_tokens={} seed={}",
+         tool_output_bytes={} output_tokens={} seed={}{cpu}",
         config.target.http_url,
         modes.join(","),
         config.workflows,

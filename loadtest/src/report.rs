@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 
 use crate::config::{Config, Load, Mode};
+use crate::cpu::SELF_LABEL;
 use crate::runner::ModeRun;
 
 /// p50/p90/p99/max/mean of a histogram, scaled (µs → ms for latencies, 1 for bytes).
@@ -61,6 +62,17 @@ pub struct ModeReport {
     pub cached_token_ratio: Option<f64>,
     pub errors: BTreeMap<String, u64>,
     pub first_error: Option<String>,
+    /// CPU of each `--cpu-pid` process, then the generator's own, over the measured phase.
+    pub cpu: Vec<ProcessCpuReport>,
+}
+
+/// One process's CPU during a mode: in total and per successful turn.
+#[derive(Debug, serde::Serialize)]
+pub struct ProcessCpuReport {
+    pub label: String,
+    pub pid: Option<u32>,
+    pub cpu_ms: Option<f64>,
+    pub cpu_ms_per_turn: Option<f64>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -113,6 +125,16 @@ pub fn summarize(run: &ModeRun) -> ModeReport {
         cached_token_ratio: ratio(stats.cached_tokens, stats.input_tokens),
         errors: stats.errors.clone(),
         first_error: stats.first_error.clone(),
+        cpu: run
+            .cpu
+            .iter()
+            .map(|process| ProcessCpuReport {
+                label: process.label.clone(),
+                pid: process.pid,
+                cpu_ms: process.cpu_ms,
+                cpu_ms_per_turn: process.cpu_ms.filter(|_| stats.turns_ok > 0).map(|ms| ms / stats.turns_ok as f64),
+            })
+            .collect(),
     }
 }
 
@@ -178,6 +200,9 @@ pub fn markdown(report: &Report) -> String {
             errors(&m.errors),
         );
     }
+    if !s.cpu.is_empty() {
+        cpu_table(&mut out, report);
+    }
     let _ = writeln!(out, "\n| mode | metric | p50 | p90 | p99 | max | mean | n |");
     let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|");
     for m in report.modes.iter().filter(|m| m.skipped.is_none()) {
@@ -212,6 +237,35 @@ pub fn markdown(report: &Report) -> String {
     out
 }
 
+/// Renders CPU per turn for each watched process and mode; where a `direct` run watched the
+/// same process, the difference to it is what the router itself costs per turn.
+fn cpu_table(out: &mut String, report: &Report) {
+    let direct = report.modes.iter().find(|m| m.mode == Mode::Direct && m.skipped.is_none());
+    let direct_per_turn =
+        |label: &str| direct.and_then(|d| d.cpu.iter().find(|p| p.label == label)).and_then(|p| p.cpu_ms_per_turn);
+    let _ = writeln!(out, "\n| mode | process | CPU ms | turns | CPU ms / turn | − `direct` ms / turn |");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
+    for m in report.modes.iter().filter(|m| m.skipped.is_none()) {
+        for p in &m.cpu {
+            let over_direct = match (p.cpu_ms_per_turn, direct_per_turn(&p.label)) {
+                (Some(own), Some(floor)) if m.mode != Mode::Direct && p.label != SELF_LABEL => {
+                    format!("{:.3}", own - floor)
+                }
+                _ => "".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {over_direct} |",
+                m.mode.name(),
+                p.label,
+                p.cpu_ms.map_or("n/a".into(), |ms| format!("{ms:.0}")),
+                m.turns_ok,
+                p.cpu_ms_per_turn.map_or("n/a".into(), |ms| format!("{ms:.3}")),
+            );
+        }
+    }
+}
+
 /// Formats milliseconds with three significant-ish digits.
 fn ms(v: f64) -> String {
     if v < 10.0 {
@@ -240,6 +294,7 @@ mod tests {
 
     use super::{Percentiles, summarize};
     use crate::config::Mode;
+    use crate::cpu::ProcessCpu;
     use crate::runner::ModeRun;
     use crate::stats::{Stats, TurnSample};
 
@@ -271,8 +326,14 @@ mod tests {
         }
         stats.record_workflow(Duration::from_millis(100), true);
         stats.record_workflow(Duration::from_millis(100), true);
-        let run = ModeRun { mode: Mode::Ws, elapsed: Duration::from_secs(2), stats, skipped: None };
+        let cpu = vec![
+            ProcessCpu { label: "tether".into(), pid: Some(1), cpu_ms: Some(8.0) },
+            ProcessCpu { label: "gone".into(), pid: Some(2), cpu_ms: None },
+        ];
+        let run = ModeRun { mode: Mode::Ws, elapsed: Duration::from_secs(2), stats, cpu, skipped: None };
         let report = summarize(&run);
+        assert_eq!(report.cpu[0].cpu_ms_per_turn, Some(2.0), "8 ms over 4 turns");
+        assert_eq!(report.cpu[1].cpu_ms_per_turn, None);
         assert_eq!(report.workflows_per_s, 1.0);
         assert_eq!(report.output_tokens_per_s, 100.0);
         assert_eq!(report.cached_token_ratio, Some(0.75));

@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, Load, Mode};
+use crate::cpu::{CpuWatch, ProcessCpu};
 use crate::driver::{Agent, ModeContext, run_workflow};
 use crate::stats::{Recorder, Stats};
 
@@ -23,6 +24,8 @@ pub struct ModeRun {
     pub mode: Mode,
     pub elapsed: Duration,
     pub stats: Stats,
+    /// CPU spent by the watched processes (and the generator) during the measured phase.
+    pub cpu: Vec<ProcessCpu>,
     /// Why the mode could not start (e.g. no shard address for `direct`).
     pub skipped: Option<String>,
 }
@@ -34,7 +37,13 @@ pub async fn run(config: &Config) -> Vec<ModeRun> {
             Ok(ctx) => run_mode(ctx).await,
             Err(error) => {
                 eprintln!("warning: skipping mode {}: {error:#}", mode.name());
-                ModeRun { mode, elapsed: Duration::ZERO, stats: Stats::default(), skipped: Some(format!("{error:#}")) }
+                ModeRun {
+                    mode,
+                    elapsed: Duration::ZERO,
+                    stats: Stats::default(),
+                    cpu: Vec::new(),
+                    skipped: Some(format!("{error:#}")),
+                }
             }
         };
         if run.skipped.is_none() {
@@ -50,6 +59,8 @@ async fn run_mode(ctx: Arc<ModeContext>) -> ModeRun {
     warm_up(&ctx).await;
     let recorder = Recorder::default();
     let progress = progress_bar(config, ctx.mode);
+    let cpu_watch = CpuWatch::new(config.cpu.clone());
+    let cpu_before = cpu_watch.snapshot();
     let started = Instant::now();
     let deadline = started + config.duration;
     let mut tasks = JoinSet::new();
@@ -94,13 +105,14 @@ async fn run_mode(ctx: Arc<ModeContext>) -> ModeRun {
         }
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_watch.spent(&cpu_before, &cpu_watch.snapshot());
     progress.finish_and_clear();
     drop(tasks);
     let stats = Arc::try_unwrap(recorder).map(|m| m.into_inner()).unwrap_or_else(|shared| {
         // An aborted task may still hold a clone until it is dropped; take the data instead.
         std::mem::take(&mut *shared.lock())
     });
-    ModeRun { mode: ctx.mode, elapsed, stats, skipped: None }
+    ModeRun { mode: ctx.mode, elapsed, stats, cpu, skipped: None }
 }
 
 /// Workflow indices of the warm-up, far from the measured ones (their conversations differ).
