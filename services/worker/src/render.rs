@@ -16,7 +16,7 @@ use tether_common::tokenizer::{TOOL_CALL_CLOSE, TOOL_CALL_OPEN};
 use tether_common::tokens::Fnv64;
 
 use crate::api::items::{Item, Role};
-use crate::tokenizer::{O200k, Tokenizer};
+use crate::tokenizer::{Memoized, O200k, Tokenizer};
 
 pub struct Renderer {
     tokenizer: Arc<dyn Tokenizer>,
@@ -43,6 +43,7 @@ impl Renderer {
     /// A renderer with `tokenizer`: markup pieces are tokenized as markup (special tokens),
     /// content as ordinary text.
     pub fn with_tokenizer(tokenizer: Arc<dyn Tokenizer>) -> Self {
+        let tokenizer: Arc<dyn Tokenizer> = Arc::new(Memoized::new(tokenizer));
         let piece = |text: &str| tokenizer.encode_markup(text);
         Renderer {
             open_assistant: piece("<|im_start|>assistant\n"),

@@ -4,6 +4,9 @@
 
 #[cfg(feature = "llama")]
 mod llama;
+mod memo;
+
+pub use self::memo::Memoized;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
