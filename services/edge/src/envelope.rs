@@ -8,6 +8,7 @@ use tether_common::ResponseId;
 use tether_proto::worker::v1::ApiError;
 
 use crate::error::{invalid, previous_not_found};
+use crate::leading::{FirstInput, LeadingHash};
 
 #[derive(Debug, Default, Deserialize)]
 struct RawEnvelope {
@@ -17,6 +18,9 @@ struct RawEnvelope {
     stream_id: Option<Value>,
     previous_response_id: Option<Value>,
     prompt_cache_key: Option<Value>,
+    instructions: Option<Value>,
+    #[serde(default)]
+    input: FirstInput,
     #[serde(flatten)]
     _rest: std::collections::HashMap<String, IgnoredAny>,
 }
@@ -30,6 +34,9 @@ pub struct Envelope {
     pub stream_id: Option<String>,
     pub previous: Option<ResponseId>,
     pub prompt_cache_key: Option<String>,
+    /// The hash of the body's instructions and first input item (a keyless request without
+    /// `previous_response_id` is placed by it).
+    pub leading: Option<LeadingHash>,
 }
 
 /// Why an envelope was rejected, and which lane (if known) the error belongs to.
@@ -104,7 +111,8 @@ impl Envelope {
             Some(Value::String(key)) if !key.is_empty() => Some(key),
             _ => None,
         };
-        Ok(Envelope { kind, stream, stream_id, previous, prompt_cache_key })
+        let leading = LeadingHash::of(raw.instructions.as_ref(), &raw.input);
+        Ok(Envelope { kind, stream, stream_id, previous, prompt_cache_key, leading })
     }
 }
 
@@ -130,6 +138,8 @@ mod tests {
         assert!(envelope.stream);
         assert_eq!(envelope.stream_id.as_deref(), Some("main"));
         assert_eq!(envelope.previous.unwrap().session_key(), SessionKey(42));
+        assert!(envelope.leading.is_some(), "the first input item is leading content");
+        assert_eq!(Envelope::parse(br#"{"type":"response.create"}"#).unwrap().leading, None);
     }
 
     #[test]
