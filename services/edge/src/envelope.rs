@@ -18,6 +18,7 @@ struct RawEnvelope {
     stream_id: Option<Value>,
     previous_response_id: Option<Value>,
     prompt_cache_key: Option<Value>,
+    store: Option<Value>,
     instructions: Option<Value>,
     #[serde(default)]
     input: FirstInput,
@@ -34,8 +35,8 @@ pub struct Envelope {
     pub stream_id: Option<String>,
     pub previous: Option<ResponseId>,
     pub prompt_cache_key: Option<String>,
-    /// The hash of the body's instructions and first input item (a keyless request without
-    /// `previous_response_id` is placed by it).
+    /// The hash of the body's instructions and first input item, for a stateless request
+    /// (`store: false`): without `previous_response_id` or a key, it is placed by it.
     pub leading: Option<LeadingHash>,
 }
 
@@ -111,7 +112,14 @@ impl Envelope {
             Some(Value::String(key)) if !key.is_empty() => Some(key),
             _ => None,
         };
-        let leading = LeadingHash::of(raw.instructions.as_ref(), &raw.input);
+        // Only a request that is not stored is placed by its content: it can only be continued
+        // by resending its history. A stored one starts a chain continued by its id, and placing
+        // it by content would put every conversation that opens alike (the same greeting from
+        // thousands of clients) on one worker.
+        let leading = match raw.store {
+            Some(Value::Bool(false)) => LeadingHash::of(raw.instructions.as_ref(), &raw.input),
+            _ => None,
+        };
         Ok(Envelope { kind, stream, stream_id, previous, prompt_cache_key, leading })
     }
 }
@@ -138,8 +146,10 @@ mod tests {
         assert!(envelope.stream);
         assert_eq!(envelope.stream_id.as_deref(), Some("main"));
         assert_eq!(envelope.previous.unwrap().session_key(), SessionKey(42));
-        assert!(envelope.leading.is_some(), "the first input item is leading content");
-        assert_eq!(Envelope::parse(br#"{"type":"response.create"}"#).unwrap().leading, None);
+        assert_eq!(envelope.leading, None, "a stored request is not placed by its content");
+        let stateless = Envelope::parse(br#"{"store":false,"input":"hi"}"#).unwrap();
+        assert!(stateless.leading.is_some(), "the first input item is leading content");
+        assert_eq!(Envelope::parse(br#"{"store":false}"#).unwrap().leading, None);
     }
 
     #[test]

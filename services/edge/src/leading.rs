@@ -1,7 +1,7 @@
 //! The leading content of a create body (its `instructions` and first `input` item), hashed:
-//! where a request with neither `previous_response_id` nor a client key is placed, so a
-//! conversation whose client resends the whole history lands turn after turn on the worker and
-//! shard that hold its prefix (the shard's content-addressed prefix cache).
+//! where a stateless request (`store: false`) with neither `previous_response_id` nor a client
+//! key is placed, so a conversation whose client resends the whole history lands turn after
+//! turn on the worker and shard that hold its prefix (the shard's content-addressed cache).
 //!
 //! Only the first input item is read; the rest of the history is skipped, not built. A message
 //! is reduced to its role and its text, so the shapes a client may send the same message in (a

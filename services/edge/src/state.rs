@@ -72,8 +72,8 @@ impl EdgeState {
     }
 
     /// Places a new session: keyed by the client's session header or cache key when given
-    /// (so its turns share a worker and a shard cache; bounded load), else by the request's
-    /// leading content when it has some, else at random (bounded load).
+    /// (so its turns share a worker and a shard cache; bounded load), else by the leading
+    /// content of a stateless request (`store: false`), else at random (bounded load).
     ///
     /// A keyless request placed by its leading content is never re-salted: a client that
     /// resends its whole history must find the worker and shard holding its prefix, and a
