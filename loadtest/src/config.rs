@@ -22,9 +22,11 @@ pub enum Mode {
     HttpChained,
     /// Stateless SSE (`store:false`), the full history every turn, new connection per request.
     HttpFull,
+    /// `http-full` without `prompt_cache_key`: the server places it by its content alone.
+    HttpFullKeyless,
     /// gRPC straight to a shard (no edge, no worker): the floor.
     Direct,
-    /// Every mode above, in that order.
+    /// Every mode above but `http-full-keyless`, in that order.
     All,
 }
 
@@ -36,6 +38,7 @@ impl Mode {
             Mode::Ws => "ws",
             Mode::HttpChained => "http-chained",
             Mode::HttpFull => "http-full",
+            Mode::HttpFullKeyless => "http-full-keyless",
             Mode::Direct => "direct",
             Mode::All => "all",
         }

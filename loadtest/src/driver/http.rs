@@ -1,5 +1,6 @@
-//! `http-chained` and `http-full` modes: `POST /v1/responses` with `"stream": true`, read as
-//! SSE, over a new connection per request (the client keeps no idle connections).
+//! `http-chained`, `http-full` and `http-full-keyless` modes: `POST /v1/responses` with
+//! `"stream": true`, read as SSE, over a new connection per request (the client keeps no idle
+//! connections).
 
 use std::sync::Arc;
 use std::time::Instant;

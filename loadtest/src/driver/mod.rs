@@ -101,7 +101,9 @@ impl Agent {
         match ctx.mode {
             Mode::Ws => Agent::Ws(ws::WsAgent::new(ctx.clone())),
             Mode::Direct => Agent::Direct(direct::DirectAgent::new(ctx.clone())),
-            Mode::HttpChained | Mode::HttpFull | Mode::All => Agent::Http(http::HttpAgent::new(ctx.clone())),
+            Mode::HttpChained | Mode::HttpFull | Mode::HttpFullKeyless | Mode::All => {
+                Agent::Http(http::HttpAgent::new(ctx.clone()))
+            }
         }
     }
 

@@ -18,7 +18,8 @@ pub fn function_call_output(call_id: &str, output: &str) -> Value {
 /// - `ws`: a `response.create` event with `previous_response_id` and only the new items;
 /// - `http-chained`: the same as an SSE create;
 /// - `http-full`: a stateless SSE create (`store:false`) with the whole history and a
-///   `prompt_cache_key`, as a client doing its own state would send it.
+///   `prompt_cache_key`, as a client doing its own state would send it;
+/// - `http-full-keyless`: the same without `prompt_cache_key`.
 ///
 /// Tools, `tool_choice` and the sim policy metadata go on every turn: they are not inherited.
 pub fn create_body(mode: Mode, model: &str, conv: &Conversation<'_>) -> Value {
@@ -39,10 +40,12 @@ pub fn create_body(mode: Mode, model: &str, conv: &Conversation<'_>) -> Value {
             map.insert("previous_response_id".into(), json!(conv.previous_response_id));
             map.insert("input".into(), json!(conv.new_items));
         }
-        Mode::HttpFull | Mode::Direct | Mode::All => {
+        Mode::HttpFull | Mode::HttpFullKeyless | Mode::Direct | Mode::All => {
             map.insert("stream".into(), json!(true));
             map.insert("store".into(), json!(false));
-            map.insert("prompt_cache_key".into(), json!(conv.key));
+            if mode != Mode::HttpFullKeyless {
+                map.insert("prompt_cache_key".into(), json!(conv.key));
+            }
             map.insert("input".into(), json!(conv.history));
         }
     }
@@ -90,5 +93,9 @@ mod tests {
         assert!(full.get("previous_response_id").is_none());
         assert_eq!(full["input"].as_array().unwrap().len(), 3);
         assert_eq!(full["input"][1], call);
+        assert_eq!(full["prompt_cache_key"], json!(conv.key));
+        let keyless = create_body(Mode::HttpFullKeyless, "m", &conv);
+        assert!(keyless.get("prompt_cache_key").is_none());
+        assert_eq!(keyless["input"], full["input"]);
     }
 }

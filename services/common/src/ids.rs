@@ -28,6 +28,17 @@ impl SessionKey {
         hash.write(&salt.to_le_bytes());
         SessionKey(hash.finish())
     }
+
+    /// Derives a key from the hash of a request's leading content (a keyless request placed
+    /// by its prefix), scoped to the tenant. The separator byte differs from
+    /// [`SessionKey::derive`]'s (neither occurs in UTF-8), so the two never meet.
+    pub fn of_content(tenant: &str, content: u64) -> Self {
+        let mut hash = crate::tokens::Fnv64::new();
+        hash.write(tenant.as_bytes());
+        hash.write(&[0xfe]);
+        hash.write(&content.to_le_bytes());
+        SessionKey(hash.finish())
+    }
 }
 
 impl fmt::Display for SessionKey {

@@ -8,6 +8,7 @@ use tether_common::ResponseId;
 use tether_proto::worker::v1::ApiError;
 
 use crate::error::{invalid, previous_not_found};
+use crate::leading::{FirstInput, LeadingHash};
 
 #[derive(Debug, Default, Deserialize)]
 struct RawEnvelope {
@@ -17,6 +18,10 @@ struct RawEnvelope {
     stream_id: Option<Value>,
     previous_response_id: Option<Value>,
     prompt_cache_key: Option<Value>,
+    store: Option<Value>,
+    instructions: Option<Value>,
+    #[serde(default)]
+    input: FirstInput,
     #[serde(flatten)]
     _rest: std::collections::HashMap<String, IgnoredAny>,
 }
@@ -30,6 +35,9 @@ pub struct Envelope {
     pub stream_id: Option<String>,
     pub previous: Option<ResponseId>,
     pub prompt_cache_key: Option<String>,
+    /// The hash of the body's instructions and first input item, for a stateless request
+    /// (`store: false`): without `previous_response_id` or a key, it is placed by it.
+    pub leading: Option<LeadingHash>,
 }
 
 /// Why an envelope was rejected, and which lane (if known) the error belongs to.
@@ -104,7 +112,15 @@ impl Envelope {
             Some(Value::String(key)) if !key.is_empty() => Some(key),
             _ => None,
         };
-        Ok(Envelope { kind, stream, stream_id, previous, prompt_cache_key })
+        // Only a request that is not stored is placed by its content: it can only be continued
+        // by resending its history. A stored one starts a chain continued by its id, and placing
+        // it by content would put every conversation that opens alike (the same greeting from
+        // thousands of clients) on one worker.
+        let leading = match raw.store {
+            Some(Value::Bool(false)) => LeadingHash::of(raw.instructions.as_ref(), &raw.input),
+            _ => None,
+        };
+        Ok(Envelope { kind, stream, stream_id, previous, prompt_cache_key, leading })
     }
 }
 
@@ -130,6 +146,10 @@ mod tests {
         assert!(envelope.stream);
         assert_eq!(envelope.stream_id.as_deref(), Some("main"));
         assert_eq!(envelope.previous.unwrap().session_key(), SessionKey(42));
+        assert_eq!(envelope.leading, None, "a stored request is not placed by its content");
+        let stateless = Envelope::parse(br#"{"store":false,"input":"hi"}"#).unwrap();
+        assert!(stateless.leading.is_some(), "the first input item is leading content");
+        assert_eq!(Envelope::parse(br#"{"store":false}"#).unwrap().leading, None);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod http;
+pub mod leading;
 pub mod metrics;
 pub mod relay;
 mod server;

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::Admission;
 use crate::auth::Auth;
 use crate::config::EdgeConfig;
+use crate::leading::LeadingHash;
 use crate::status::ClusterView;
 use crate::workers::WorkerPool;
 
@@ -71,12 +72,24 @@ impl EdgeState {
     }
 
     /// Places a new session: keyed by the client's session header or cache key when given
-    /// (so its turns share a worker and a shard cache), else at random; bounded load.
-    pub fn place(&self, tenant: &str, headers: &HeaderMap, cache_key: Option<&str>) -> SessionKey {
+    /// (so its turns share a worker and a shard cache; bounded load), else by the leading
+    /// content of a stateless request (`store: false`), else at random (bounded load).
+    ///
+    /// A keyless request placed by its leading content is never re-salted: a client that
+    /// resends its whole history must find the worker and shard holding its prefix, and a
+    /// load bound would move it away from them under load, when caching matters most.
+    pub fn place(
+        &self,
+        tenant: &str,
+        headers: &HeaderMap,
+        cache_key: Option<&str>,
+        leading: Option<LeadingHash>,
+    ) -> SessionKey {
         let client_key = cache_key.map(str::to_owned).or_else(|| session_header(headers));
-        match client_key {
-            Some(client_key) => self.workers.place(|salt| SessionKey::derive(tenant, &client_key, salt)),
-            None => self.workers.place(|_| SessionKey::random()),
+        match (client_key, leading) {
+            (Some(client_key), _) => self.workers.place(|salt| SessionKey::derive(tenant, &client_key, salt)),
+            (None, Some(leading)) => SessionKey::of_content(tenant, leading.0),
+            (None, None) => self.workers.place(|_| SessionKey::random()),
         }
     }
 

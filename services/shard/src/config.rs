@@ -16,6 +16,8 @@ use crate::engine::sim::SimConfig;
 pub mod defaults {
     pub const LISTEN: &str = "127.0.0.1:7100";
     pub const CACHE_TOKENS: u64 = 4_000_000;
+    /// vLLM's default block size.
+    pub const CACHE_BLOCK_TOKENS: u32 = 16;
     pub const LLAMA_CONTEXT_TOKENS: u32 = 8192;
     pub const LLAMA_SEQUENCES: u32 = 16;
     pub const LLAMA_BATCH_TOKENS: u32 = 512;
@@ -47,6 +49,17 @@ pub struct ShardArgs {
     /// Total tokens the KV cache may hold across sessions (LRU beyond it).
     #[arg(long, env = "TETHER_SHARD_CACHE_TOKENS", default_value_t = defaults::CACHE_TOKENS, help_heading = "Cache")]
     pub cache_tokens: u64,
+
+    /// Tokens per block of the content-addressed prefix index (an engine that can share
+    /// cached prefixes across sessions, the sim, matches stateless prompts block by block).
+    #[arg(
+        long,
+        env = "TETHER_SHARD_CACHE_BLOCK_TOKENS",
+        default_value_t = defaults::CACHE_BLOCK_TOKENS,
+        value_parser = clap::value_parser!(u32).range(1..),
+        help_heading = "Cache"
+    )]
+    pub cache_block_tokens: u32,
 
     #[command(flatten)]
     pub sim: SimArgs,
@@ -298,6 +311,7 @@ pub struct ShardConfig {
     pub id: Option<String>,
     pub advertise: Option<String>,
     pub cache_tokens: u64,
+    pub cache_block_tokens: u32,
     pub sim: SimConfig,
     /// Runs the llama engine instead of the sim when set.
     pub llama: Option<LlamaConfig>,
@@ -315,6 +329,7 @@ impl ShardConfig {
             id: None,
             advertise: None,
             cache_tokens: 1_000_000,
+            cache_block_tokens: defaults::CACHE_BLOCK_TOKENS,
             sim: SimArgs::default().into(),
             llama: None,
             openai: None,
@@ -331,6 +346,7 @@ impl ShardConfig {
             id: None,
             advertise: None,
             cache_tokens: defaults::CACHE_TOKENS,
+            cache_block_tokens: defaults::CACHE_BLOCK_TOKENS,
             sim: sim.into(),
             llama: None,
             openai: None,
@@ -351,6 +367,7 @@ impl From<ShardArgs> for ShardConfig {
             id: args.id,
             advertise: args.advertise,
             cache_tokens: args.cache_tokens,
+            cache_block_tokens: args.cache_block_tokens,
             sim: args.sim.into(),
             llama: args.engine.llama(),
             openai: args.engine.openai(),

@@ -1,12 +1,19 @@
 //! The shard's per-session KV cache bookkeeping: for each session the token sequence whose
 //! keys and values the engine holds, and its running prefix hash. Bounded by a total token
 //! budget; the least recently used sessions are evicted first.
+//!
+//! For an engine whose cached prefixes any session can use (the sim), the held tokens are
+//! also indexed by content ([`PrefixIndex`], within the same budget), so a stateless prompt
+//! matches what another session left here. The session claim path (`lookup_prefix`) stays
+//! per session: a chained turn names its own prefix.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use lru::LruCache;
 use parking_lot::Mutex;
 use tether_common::tokens::PrefixHash;
+
+use crate::prefix_index::PrefixIndex;
 
 struct Entry {
     tokens: Vec<u32>,
@@ -28,6 +35,9 @@ pub struct KvCache {
     held: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Held tokens by content, shared across sessions; `None` for an engine that can use only
+    /// a session's own prefix.
+    shared: Option<Mutex<PrefixIndex>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +46,8 @@ pub struct CacheStats {
     pub tokens: u64,
     pub hits: u64,
     pub misses: u64,
+    /// Tokens in the content index (full blocks).
+    pub shared_tokens: u64,
 }
 
 impl KvCache {
@@ -46,7 +58,15 @@ impl KvCache {
             held: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            shared: None,
         }
+    }
+
+    /// Also indexes held tokens by content in blocks of `block_tokens`, within the budget, so
+    /// [`KvCache::longest_prefix`] matches prefixes any session left.
+    pub fn with_shared_prefixes(mut self, block_tokens: u32) -> Self {
+        self.shared = Some(Mutex::new(PrefixIndex::new(block_tokens, self.budget)));
+        self
     }
 
     pub fn budget(&self) -> u64 {
@@ -88,18 +108,25 @@ impl KvCache {
         result
     }
 
-    /// Returns how many leading tokens of `prompt` the session holds (the stateless path).
+    /// Returns how many leading tokens of `prompt` are held (the stateless path): the
+    /// session's own prefix, or a longer one from the content index.
     pub fn longest_prefix(&self, session: u64, prompt: &[u32]) -> u32 {
-        let mut entries = self.entries.lock();
-        let matched = entries
+        let own = self
+            .entries
+            .lock()
             .get(&session)
-            .map_or(0, |entry| entry.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count());
+            .map_or(0, |entry| entry.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count() as u32);
+        let shared = self.shared.as_ref().map_or(0, |index| index.lock().longest_prefix(prompt));
+        if shared > own {
+            metrics::counter!(crate::metrics::SHARED_PREFIX_HITS).increment(1);
+        }
+        let matched = own.max(shared);
         if matched > 0 {
             self.hits.fetch_add(1, Ordering::Relaxed);
         } else {
             self.misses.fetch_add(1, Ordering::Relaxed);
         }
-        matched as u32
+        matched
     }
 
     /// Records that `session` now holds its `prefix_len` prefix followed by `appended`
@@ -120,6 +147,7 @@ impl KvCache {
                 entry.hash.extend(part);
                 self.held.fetch_add(part.len() as u64, Ordering::Relaxed);
             }
+            self.index(&entry.tokens);
             drop(entries);
             self.evict_over_budget();
         } else if let Some(entry) = entries.pop(&session) {
@@ -129,6 +157,7 @@ impl KvCache {
 
     /// Replaces what `session` holds with `tokens` (after a full prefill).
     pub fn replace(&self, session: u64, tokens: Vec<u32>) {
+        self.index(&tokens);
         let entry = Entry { hash: PrefixHash::of(&tokens), tokens };
         let added = entry.tokens.len() as u64;
         {
@@ -171,6 +200,17 @@ impl KvCache {
             tokens: self.held.load(Ordering::Relaxed),
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
+            shared_tokens: self.shared.as_ref().map_or(0, |index| index.lock().tokens()),
+        }
+    }
+
+    /// Adds `tokens` to the content index, when there is one.
+    fn index(&self, tokens: &[u32]) {
+        if let Some(index) = &self.shared {
+            let evicted = index.lock().insert(tokens);
+            if evicted > 0 {
+                metrics::counter!(crate::metrics::SHARED_BLOCK_EVICTIONS).increment(evicted as u64);
+            }
         }
     }
 
@@ -257,6 +297,25 @@ mod tests {
         cache.import(4, vec![4; 101]);
         assert!(cache.stats().tokens <= 100);
         assert_eq!(cache.export(4), None);
+    }
+
+    #[test]
+    fn shared_prefixes_hit_across_sessions_and_follow_chained_turns() {
+        let cache = KvCache::new(1_000).with_shared_prefixes(4);
+        let first: Vec<u32> = (0..10).collect();
+        cache.replace(1, first.clone());
+        // Another session resending the prompt gets its full blocks; its own prefix is none.
+        assert_eq!(cache.longest_prefix(2, &(0..12).collect::<Vec<_>>()), 8);
+        // A chained turn of session 1 adds its tokens to the index too.
+        cache.extend(1, 10, PrefixHash::of(&first).value(), &[&[10, 11, 12], &[13, 14]]);
+        assert_eq!(cache.longest_prefix(3, &(0..20).collect::<Vec<_>>()), 12);
+        assert_eq!(cache.stats().shared_tokens, 12);
+        // Without the index, only the session itself hits.
+        let plain = KvCache::new(1_000);
+        plain.replace(1, first.clone());
+        assert_eq!(plain.longest_prefix(2, &first), 0);
+        assert_eq!(plain.longest_prefix(1, &first), 10);
+        assert_eq!(plain.stats().shared_tokens, 0);
     }
 
     #[test]

@@ -92,15 +92,21 @@ async fn build_engine(config: &ShardConfig) -> Result<(Arc<dyn Engine>, Arc<KvCa
             .await
             .map_err(|join| ShardError::Engine(join.to_string()))??;
         let engine = crate::engine::openai::OpenAiEngine::start(openai, vocabulary).await?;
+        // No shared prefixes: the upstream server keeps (and reports) its own prefix cache;
+        // the bookkeeping only says which prefix a session sent before.
         return Ok((Arc::new(engine), Arc::new(KvCache::new(config.cache_tokens))));
     }
     let Some(llama) = config.llama.clone() else {
-        return Ok((Arc::new(SimEngine::new(config.sim.clone())), Arc::new(KvCache::new(config.cache_tokens))));
+        // The sim's cache is bookkeeping and a prefill cost: any session's prefix serves.
+        let cache = KvCache::new(config.cache_tokens).with_shared_prefixes(config.cache_block_tokens);
+        return Ok((Arc::new(SimEngine::new(config.sim.clone())), Arc::new(cache)));
     };
     #[cfg(feature = "llama")]
     {
         // The llama engine holds at most its context: the bookkeeping's budget says the same,
-        // and a session the engine evicts is dropped from the bookkeeping too.
+        // and a session the engine evicts is dropped from the bookkeeping too. No shared
+        // prefixes: the engine keeps one llama.cpp sequence per session and a turn reuses only
+        // its own session's cells (sharing would mean copying cells between sequences).
         let cache = Arc::new(KvCache::new(u64::from(llama.context_tokens)));
         let evicted = cache.clone();
         let on_evict = Box::new(move |session: u64| {

@@ -40,7 +40,7 @@ async fn count_inner(state: &EdgeState, request: Request, request_id: &str) -> R
     };
     let key = match &envelope.previous {
         Some(previous) => previous.session_key(),
-        None => state.place(&tenant, &headers, envelope.prompt_cache_key.as_deref()),
+        None => state.place(&tenant, &headers, envelope.prompt_cache_key.as_deref(), envelope.leading),
     };
     let turn = TurnRequest {
         tenant: tenant.to_string(),

@@ -111,7 +111,7 @@ async fn create_inner(state: &EdgeState, headers: &HeaderMap, request: Request, 
     };
     let key = match &envelope.previous {
         Some(previous) => previous.session_key(),
-        None => state.place(&tenant, headers, envelope.prompt_cache_key.as_deref()),
+        None => state.place(&tenant, headers, envelope.prompt_cache_key.as_deref(), envelope.leading),
     };
     let mut guard = match state.admission.turn(&tenant, "http") {
         Ok(guard) => guard,

@@ -39,7 +39,7 @@ pub async fn upgrade(
         Ok(admitted) => admitted,
         Err(error) => return http_error(&error),
     };
-    let key = state.place(&tenant, &headers, None);
+    let key = state.place(&tenant, &headers, None, None);
     // Each turn on the socket is a trace of its own, linked to this one.
     let trace = tether_common::trace::from_headers(&headers);
     let limit = state.config.max_message_bytes;
