@@ -678,6 +678,8 @@ async fn streams_in_flight_survive(fault: Fault) {
             reqwest::get(format!("{}/v1/responses/{id}", cluster.edge.url())).await.unwrap().json().await.unwrap();
         assert_eq!(stored["status"], "completed", "{stored}");
         assert_eq!(client::output_text(&stored), client::output_text(response));
+        // What is stored is the copy the client saw, never a late one of the stopped worker.
+        assert_eq!(stored["x_tether"]["worker"], response["x_tether"]["worker"], "{id}");
         let next = ws.create(json!({"model": "tether-sim", "previous_response_id": id, "input": "thanks"})).await;
         assert_eq!(client::final_response(&next)["status"], "completed");
     }

@@ -8,6 +8,7 @@ pub mod ids;
 pub mod limits;
 pub mod nodes;
 pub mod ops;
+pub mod pause;
 pub mod placement;
 pub mod serve;
 pub mod shutdown;

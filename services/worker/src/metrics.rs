@@ -2,6 +2,7 @@
 
 pub const TURNS: &str = "tether_worker_turns_total";
 pub const TURNS_RESUMED: &str = "tether_worker_turns_resumed_total";
+pub const TURNS_DROPPED_AFTER_PAUSE: &str = "tether_worker_turns_dropped_after_pause_total";
 pub const TURN_SECONDS: &str = "tether_worker_turn_seconds";
 pub const PREPARE_SECONDS: &str = "tether_worker_prepare_seconds";
 pub const RENDERED_TOKENS: &str = "tether_worker_rendered_tokens_total";
@@ -32,6 +33,10 @@ pub fn describe() {
     metrics::describe_counter!(
         TURNS_RESUMED,
         "Responses continued here after their first worker went away mid-response"
+    );
+    metrics::describe_counter!(
+        TURNS_DROPPED_AFTER_PAUSE,
+        "Turns not committed because this process was stopped while they ran (continued elsewhere)"
     );
     metrics::describe_histogram!(TURN_SECONDS, metrics::Unit::Seconds, "Turn duration on the worker");
     metrics::describe_histogram!(PREPARE_SECONDS, metrics::Unit::Seconds, "Resolve, validate, safety and render time");

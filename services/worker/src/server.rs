@@ -42,6 +42,7 @@ pub async fn serve_with(
 ) -> Result<(), WorkerError> {
     tether_common::telemetry::prometheus();
     crate::metrics::describe();
+    tether_common::pause::watch();
     let local = listener.local_addr()?;
     let id = config.id.clone().unwrap_or_else(|| format!("worker-{}", local.port()));
     let scheme = tether_common::tls::scheme(config.tls.as_ref());

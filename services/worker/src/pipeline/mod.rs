@@ -130,6 +130,7 @@ fn response_identity<'a>(turn: &'a TurnRequest, prepared: &Prepared) -> (Respons
 }
 
 async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepared, emitter: &mut Emitter) -> Outcome {
+    let started = tether_common::pause::mark();
     let (id, created_at, resumed) = response_identity(turn, &prepared);
     // In flight from here until this function returns (the guard leaves on every path).
     let registration = ctx.in_flight.register(&turn.tenant, id.as_str());
@@ -214,6 +215,13 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
         );
     });
 
+    if tether_common::pause::paused_since(started) {
+        // This process was stopped during the turn: its edge has continued the response on
+        // another worker, whose copy is the one the client saw. Store and send nothing.
+        tracing::warn!(response = %id, "this worker was stopped during the turn; its late result is dropped");
+        metrics::counter!(m::TURNS_DROPPED_AFTER_PAUSE).increment(1);
+        return Outcome::Closed;
+    }
     // 7. Commit (and replicate, in sync mode) before the terminal event: a client that saw
     // `completed` can continue, even after this worker crashes.
     if let Some(state) = commit(ctx, turn, &prepared, &id, builder, completion, &response) {
