@@ -1,5 +1,5 @@
 //! Worker failure, scale-out and drain in the in-process cluster: no completed store=true
-//! turn is lost, a streaming turn whose worker dies fails fast and cleanly, and turns that
+//! turn is lost, a streaming turn whose worker dies continues on the next owner, and turns that
 //! had not started move transparently.
 
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ fn worker_of(response: &Value) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_stream_fails_the_turn_fast_and_the_chain_continues_elsewhere() {
+async fn a_worker_killed_mid_stream_is_continued_elsewhere_and_the_chain_goes_on() {
     let mut cluster =
         Cluster::builder().shard_config(|c| c.sim.decode_interval = Duration::from_millis(5)).start().await;
     let mut ws = WsClient::connect(&cluster.ws_url(), None).await.unwrap();
@@ -31,36 +31,38 @@ async fn a_worker_killed_mid_stream_fails_the_turn_fast_and_the_chain_continues_
 
     tracing::info!("--- stream a long answer, kill its worker after the first delta");
     ws.send(&json!({"type": "response.create", "previous_response_id": first["id"], "input": "long answer",
-                    "metadata": {"tether_sim_output_tokens": "2000"}}))
+                    "metadata": {"tether_sim_output_tokens": "400"}}))
         .await;
+    let mut events = Vec::new();
     loop {
         let event = ws.recv().await;
-        if event["type"] == "response.output_text.delta" {
+        assert_ne!(event["type"], "response.completed");
+        let delta = event["type"] == "response.output_text.delta";
+        events.push(event);
+        if delta {
             break;
         }
-        assert_ne!(event["type"], "response.completed");
     }
-    let killed_at = Instant::now();
     cluster.worker(&owner).kill();
-    let terminal = loop {
-        let event = ws.recv().await;
-        if tether_tests::client::is_terminal(&event) {
-            break event;
-        }
-    };
-    let recovery = killed_at.elapsed();
-    assert_eq!(terminal["type"], "response.failed", "never a truncated completed: {terminal}");
-    assert_eq!(terminal["response"]["status"], "failed");
-    assert_eq!(terminal["response"]["error"]["code"], "server_error");
-    assert!(recovery < Duration::from_secs(1), "failure event {recovery:?} after the kill");
-    println!("failure event {recovery:?} after the kill");
+    events.extend(ws.until_terminal().await);
+    let terminal = events.last().unwrap();
+    // The response continued on the next owner: one response, no truncated or failed end.
+    assert_eq!(terminal["type"], "response.completed", "{terminal}");
+    let response = &terminal["response"];
+    assert_eq!(response["id"], events[0]["response"]["id"]);
+    assert_ne!(worker_of(response), owner, "finished elsewhere");
+    let numbers: Vec<u64> = events.iter().map(|e| e["sequence_number"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, (0..events.len() as u64).collect::<Vec<_>>());
+    let deltas: String = events.iter().filter_map(|e| e["delta"].as_str()).collect();
+    assert_eq!(deltas, output_text(response));
+    assert_eq!(response["usage"]["output_tokens"], 400);
 
-    tracing::info!("--- the same connection continues the chain from the last completed turn");
-    let next = ws.create(json!({"previous_response_id": first["id"], "input": "again", "metadata": {"tether_sim_output_tokens": "4"}})).await;
+    tracing::info!("--- the same connection continues the chain from the continued response");
+    let next = ws.create(json!({"previous_response_id": response["id"], "input": "again", "metadata": {"tether_sim_output_tokens": "4"}})).await;
     let next = final_response(&next);
     assert_eq!(next["status"], "completed");
     assert_ne!(worker_of(next), owner);
-    assert_eq!(next["previous_response_id"], first["id"]);
+    assert_eq!(next["previous_response_id"], response["id"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
