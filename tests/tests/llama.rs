@@ -416,6 +416,7 @@ async fn a_session_exported_from_one_llama_shard_continues_on_another_with_its_k
         prefill_only,
         output_format: None,
         resume_tokens: 0,
+        cache_scope: 0,
     };
 
     info!("--- prefill {} tokens on the source", prefix.len());

@@ -243,6 +243,7 @@ fn generate_request(
         prefill_only: false,
         output_format: None,
         resume_tokens: 0,
+        cache_scope: 0,
     }
 }
 

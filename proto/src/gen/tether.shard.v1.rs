@@ -42,6 +42,11 @@ pub struct GenerateRequest {
     /// counts only what is still to come.
     #[prost(uint32, tag = "12")]
     pub resume_tokens: u32,
+    /// Whose content this is (a hash of the tenant): the shard's content-addressed prefix index
+    /// matches a prompt only against blocks held for the same scope, so no tenant learns (from
+    /// `cached_tokens` or from timing) what another tenant's prompts begin with.
+    #[prost(fixed64, tag = "13")]
+    pub cache_scope: u64,
 }
 /// The Responses API's `text.format`: what a text answer must be.
 #[allow(clippy::all)]

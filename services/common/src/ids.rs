@@ -47,6 +47,15 @@ impl fmt::Display for SessionKey {
     }
 }
 
+/// The scope of a tenant's content in shared caches (a shard's prefix index): a hash of the
+/// tenant, so content is only ever matched against the same tenant's.
+pub fn cache_scope(tenant: &str) -> u64 {
+    let mut hash = crate::tokens::Fnv64::new();
+    hash.write(b"cache-scope\xff");
+    hash.write(tenant.as_bytes());
+    hash.finish()
+}
+
 /// A response id that carries its session key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ResponseId(String);

@@ -15,14 +15,14 @@ fn prefix_index(c: &mut Criterion) {
     for len in [2_000, 17_000] {
         let mut index = PrefixIndex::new(16, 4_000_000);
         for seed in 0..200 {
-            index.insert(&history(seed, len));
+            index.insert(0, &history(seed, len));
         }
         let prompt = history(7, len);
         c.bench_function(&format!("lookup_hit/{len}_tokens"), |b| {
-            b.iter(|| black_box(index.longest_prefix(black_box(&prompt))))
+            b.iter(|| black_box(index.longest_prefix(0, black_box(&prompt))))
         });
         c.bench_function(&format!("insert_held/{len}_tokens"), |b| {
-            b.iter(|| black_box(index.insert(black_box(&prompt))))
+            b.iter(|| black_box(index.insert(0, black_box(&prompt))))
         });
     }
 }

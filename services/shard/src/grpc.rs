@@ -96,7 +96,7 @@ impl Shard for ShardService {
 
         // Resolve what the KV cache already holds for this session.
         let (cached, prompt_hash, prompt_len, new_tokens, full_prompt) = if request.full {
-            let cached = self.cache.longest_prefix(session, &request.tokens);
+            let cached = self.cache.longest_prefix(session, request.cache_scope, &request.tokens);
             let hash = PrefixHash::of(&request.tokens[..fresh]);
             let new_tokens = request.tokens[cached as usize..].to_vec();
             (cached, hash, request.tokens.len() as u32, new_tokens, Some(request.tokens))
@@ -173,7 +173,7 @@ impl Shard for ShardService {
         let (tx, rx) = mpsc::channel(64);
         let engine = self.engine.clone();
         let cache = self.cache.clone();
-        let (prefix_len, prefix_hash) = (request.prefix_len, request.prefix_hash);
+        let (prefix_len, prefix_hash, scope) = (request.prefix_len, request.prefix_hash, request.cache_scope);
         let task = async move {
             let (piece_tx, mut piece_rx) = mpsc::channel::<crate::engine::Piece>(64);
             let forward_tx = tx.clone();
@@ -195,9 +195,11 @@ impl Shard for ShardService {
                     match full_prompt {
                         Some(mut prompt) => {
                             prompt.extend_from_slice(&outcome.completion);
-                            cache.replace(session, prompt);
+                            cache.replace(session, scope, prompt);
                         }
-                        None => cache.extend(session, prefix_len, prefix_hash, &[&new_tokens, &outcome.completion]),
+                        None => {
+                            cache.extend(session, scope, prefix_len, prefix_hash, &[&new_tokens, &outcome.completion])
+                        }
                     }
                     metrics::counter!(m::GENERATE_TOTAL, "outcome" => "ok").increment(1);
                     metrics::counter!(m::PREFILL_TOKENS).increment(u64::from(uncached));

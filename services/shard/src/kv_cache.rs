@@ -18,6 +18,8 @@ use crate::prefix_index::PrefixIndex;
 struct Entry {
     tokens: Vec<u32>,
     hash: PrefixHash,
+    /// Whose content this is in the shared index (`None`: imported, not indexed).
+    scope: Option<u64>,
 }
 
 /// What a turn starts from.
@@ -110,13 +112,14 @@ impl KvCache {
 
     /// Returns how many leading tokens of `prompt` are held (the stateless path): the
     /// session's own prefix, or a longer one from the content index.
-    pub fn longest_prefix(&self, session: u64, prompt: &[u32]) -> u32 {
+    /// Only blocks held for `scope` (the tenant's, see `GenerateRequest.cache_scope`) match.
+    pub fn longest_prefix(&self, session: u64, scope: u64, prompt: &[u32]) -> u32 {
         let own = self
             .entries
             .lock()
             .get(&session)
             .map_or(0, |entry| entry.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count() as u32);
-        let shared = self.shared.as_ref().map_or(0, |index| index.lock().longest_prefix(prompt));
+        let shared = self.shared.as_ref().map_or(0, |index| index.lock().longest_prefix(scope, prompt));
         if shared > own {
             metrics::counter!(crate::metrics::SHARED_PREFIX_HITS).increment(1);
         }
@@ -132,12 +135,12 @@ impl KvCache {
     /// Records that `session` now holds its `prefix_len` prefix followed by `appended`
     /// (the new prompt tokens and the generated ones). If the session changed meanwhile
     /// (a concurrent turn), the entry is dropped: the next turn resends, never misuses.
-    pub fn extend(&self, session: u64, prefix_len: u32, prefix_hash: u64, appended: &[&[u32]]) {
+    pub fn extend(&self, session: u64, scope: u64, prefix_len: u32, prefix_hash: u64, appended: &[&[u32]]) {
         let mut entries = self.entries.lock();
         let Some(entry) = entries.get_mut(&session) else {
             if prefix_len == 0 {
                 drop(entries);
-                self.replace(session, appended.concat());
+                self.replace(session, scope, appended.concat());
             }
             return;
         };
@@ -147,7 +150,8 @@ impl KvCache {
                 entry.hash.extend(part);
                 self.held.fetch_add(part.len() as u64, Ordering::Relaxed);
             }
-            self.index(&entry.tokens);
+            entry.scope = Some(scope);
+            self.index(scope, &entry.tokens);
             drop(entries);
             self.evict_over_budget();
         } else if let Some(entry) = entries.pop(&session) {
@@ -155,10 +159,14 @@ impl KvCache {
         }
     }
 
-    /// Replaces what `session` holds with `tokens` (after a full prefill).
-    pub fn replace(&self, session: u64, tokens: Vec<u32>) {
-        self.index(&tokens);
-        let entry = Entry { hash: PrefixHash::of(&tokens), tokens };
+    /// Replaces what `session` holds with `tokens` (after a full prefill), indexed for `scope`.
+    pub fn replace(&self, session: u64, scope: u64, tokens: Vec<u32>) {
+        self.index(scope, &tokens);
+        self.hold(session, Some(scope), tokens);
+    }
+
+    fn hold(&self, session: u64, scope: Option<u64>, tokens: Vec<u32>) {
+        let entry = Entry { hash: PrefixHash::of(&tokens), tokens, scope };
         let added = entry.tokens.len() as u64;
         {
             let mut entries = self.entries.lock();
@@ -182,8 +190,9 @@ impl KvCache {
 
     /// Records that `session` holds `tokens`, imported from another shard: replaces what it
     /// held here, as the most recently used session, within the token budget.
+    /// Imported tokens are not indexed for sharing: whose they are is not known here.
     pub fn import(&self, session: u64, tokens: Vec<u32>) {
-        self.replace(session, tokens);
+        self.hold(session, None, tokens);
     }
 
     pub fn drop_session(&self, session: u64) -> bool {
@@ -204,10 +213,10 @@ impl KvCache {
         }
     }
 
-    /// Adds `tokens` to the content index, when there is one.
-    fn index(&self, tokens: &[u32]) {
+    /// Adds `tokens` to the content index under `scope`, when there is one.
+    fn index(&self, scope: u64, tokens: &[u32]) {
         if let Some(index) = &self.shared {
-            let evicted = index.lock().insert(tokens);
+            let evicted = index.lock().insert(scope, tokens);
             if evicted > 0 {
                 metrics::counter!(crate::metrics::SHARED_BLOCK_EVICTIONS).increment(evicted as u64);
             }
@@ -238,8 +247,8 @@ mod tests {
     fn follow_up_hits_and_a_wrong_hash_misses() {
         let cache = KvCache::new(1_000);
         let first: Vec<u32> = (0..10).collect();
-        assert_eq!(cache.longest_prefix(1, &first), 0);
-        cache.replace(1, first.clone());
+        assert_eq!(cache.longest_prefix(1, 0, &first), 0);
+        cache.replace(1, 0, first.clone());
         let hash = PrefixHash::of(&first).value();
         match cache.lookup_prefix(1, 10, hash, &[10, 11]) {
             Lookup::Hit { cached, prompt_hash } => {
@@ -252,10 +261,10 @@ mod tests {
         assert_eq!(cache.lookup_prefix(1, 11, hash, &[10]), Lookup::Miss { held: 10 });
         assert_eq!(cache.lookup_prefix(2, 3, hash, &[10]), Lookup::Miss { held: 0 });
 
-        cache.extend(1, 10, hash, &[&[10, 11], &[12]]);
+        cache.extend(1, 0, 10, hash, &[&[10, 11], &[12]]);
         assert_eq!(cache.stats().tokens, 13);
         let all: Vec<u32> = (0..13).collect();
-        assert_eq!(cache.longest_prefix(1, &all), 13);
+        assert_eq!(cache.longest_prefix(1, 0, &all), 13);
         // A fork from an earlier prefix still hits.
         let fork_hash = PrefixHash::of(&all[..5]).value();
         assert!(matches!(cache.lookup_prefix(1, 5, fork_hash, &[99]), Lookup::Hit { cached: 5, .. }));
@@ -266,8 +275,8 @@ mod tests {
         let source = KvCache::new(1_000);
         assert_eq!(source.export(1), None, "nothing held, nothing exported");
         let turn: Vec<u32> = (0..8).collect();
-        source.replace(1, turn.clone());
-        source.extend(1, 8, PrefixHash::of(&turn).value(), &[&[8, 9], &[10]]);
+        source.replace(1, 0, turn.clone());
+        source.extend(1, 0, 8, PrefixHash::of(&turn).value(), &[&[8, 9], &[10]]);
         let tokens = source.export(1).expect("held");
         assert_eq!(tokens, (0..11).collect::<Vec<_>>());
 
@@ -286,8 +295,8 @@ mod tests {
     #[test]
     fn an_import_respects_the_budget_and_evicts_the_least_recently_used() {
         let cache = KvCache::new(100);
-        cache.replace(1, vec![1; 50]);
-        cache.replace(2, vec![2; 40]);
+        cache.replace(1, 0, vec![1; 50]);
+        cache.replace(2, 0, vec![2; 40]);
         assert!(cache.export(1).is_some()); // touch 1: 2 is now least recently used
         cache.import(3, vec![3; 30]);
         assert_eq!(cache.export(2), None, "session 2 was evicted for the import");
@@ -303,30 +312,30 @@ mod tests {
     fn shared_prefixes_hit_across_sessions_and_follow_chained_turns() {
         let cache = KvCache::new(1_000).with_shared_prefixes(4);
         let first: Vec<u32> = (0..10).collect();
-        cache.replace(1, first.clone());
+        cache.replace(1, 0, first.clone());
         // Another session resending the prompt gets its full blocks; its own prefix is none.
-        assert_eq!(cache.longest_prefix(2, &(0..12).collect::<Vec<_>>()), 8);
+        assert_eq!(cache.longest_prefix(2, 0, &(0..12).collect::<Vec<_>>()), 8);
         // A chained turn of session 1 adds its tokens to the index too.
-        cache.extend(1, 10, PrefixHash::of(&first).value(), &[&[10, 11, 12], &[13, 14]]);
-        assert_eq!(cache.longest_prefix(3, &(0..20).collect::<Vec<_>>()), 12);
+        cache.extend(1, 0, 10, PrefixHash::of(&first).value(), &[&[10, 11, 12], &[13, 14]]);
+        assert_eq!(cache.longest_prefix(3, 0, &(0..20).collect::<Vec<_>>()), 12);
         assert_eq!(cache.stats().shared_tokens, 12);
         // Without the index, only the session itself hits.
         let plain = KvCache::new(1_000);
-        plain.replace(1, first.clone());
-        assert_eq!(plain.longest_prefix(2, &first), 0);
-        assert_eq!(plain.longest_prefix(1, &first), 10);
+        plain.replace(1, 0, first.clone());
+        assert_eq!(plain.longest_prefix(2, 0, &first), 0);
+        assert_eq!(plain.longest_prefix(1, 0, &first), 10);
         assert_eq!(plain.stats().shared_tokens, 0);
     }
 
     #[test]
     fn budget_evicts_least_recently_used_sessions() {
         let cache = KvCache::new(100);
-        cache.replace(1, vec![1; 60]);
-        cache.replace(2, vec![2; 30]);
-        assert_eq!(cache.longest_prefix(1, &[1]), 1); // touch 1
-        cache.replace(3, vec![3; 30]);
-        assert_eq!(cache.longest_prefix(2, &[2]), 0, "session 2 was least recently used");
-        assert_eq!(cache.longest_prefix(1, &[1]), 1);
+        cache.replace(1, 0, vec![1; 60]);
+        cache.replace(2, 0, vec![2; 30]);
+        assert_eq!(cache.longest_prefix(1, 0, &[1]), 1); // touch 1
+        cache.replace(3, 0, vec![3; 30]);
+        assert_eq!(cache.longest_prefix(2, 0, &[2]), 0, "session 2 was least recently used");
+        assert_eq!(cache.longest_prefix(1, 0, &[1]), 1);
         assert!(cache.stats().tokens <= 100);
         assert!(cache.drop_session(3));
         assert_eq!(cache.stats().tokens, 60);

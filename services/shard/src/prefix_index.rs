@@ -19,9 +19,6 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use lru::LruCache;
 
-/// The parent of a prompt's first block.
-const ROOT: u64 = 0;
-
 struct Block {
     parent: u64,
     tokens: Box<[u32]>,
@@ -60,9 +57,10 @@ impl PrefixIndex {
 
     /// Returns how many leading tokens of `prompt` are held, a multiple of the block size,
     /// and marks their blocks used.
-    pub fn longest_prefix(&mut self, prompt: &[u32]) -> u32 {
+    /// Only blocks inserted under the same `scope` (the chain's root) match.
+    pub fn longest_prefix(&mut self, scope: u64, prompt: &[u32]) -> u32 {
         let mut chain = Vec::new();
-        let mut parent = ROOT;
+        let mut parent = scope;
         for block in prompt.chunks_exact(self.block_tokens) {
             let key = chain_hash(parent, block);
             if !self.blocks.peek(&key).is_some_and(|held| held.is(parent, block)) {
@@ -78,9 +76,9 @@ impl PrefixIndex {
     /// Records that `tokens` are held: every full block of them, chained from the start (a
     /// trailing partial block is not). Evicts the least recently used blocks beyond the
     /// budget and returns how many.
-    pub fn insert(&mut self, tokens: &[u32]) -> usize {
+    pub fn insert(&mut self, scope: u64, tokens: &[u32]) -> usize {
         let mut chain = Vec::with_capacity(tokens.len() / self.block_tokens);
-        let mut parent = ROOT;
+        let mut parent = scope;
         for block in tokens.chunks_exact(self.block_tokens) {
             let key = chain_hash(parent, block);
             match self.blocks.peek(&key) {
@@ -128,32 +126,41 @@ mod tests {
     }
 
     #[test]
+    fn scopes_never_match_each_other() {
+        let mut index = PrefixIndex::new(4, 1_000);
+        let prompt = tokens(0..16);
+        index.insert(7, &prompt);
+        assert_eq!(index.longest_prefix(7, &prompt), 16);
+        assert_eq!(index.longest_prefix(8, &prompt), 0, "another tenant's scope sees nothing");
+    }
+
+    #[test]
     fn a_prompt_hits_what_another_inserted_up_to_the_last_full_shared_block() {
         let mut index = PrefixIndex::new(4, 1_000);
-        assert_eq!(index.longest_prefix(&tokens(0..20)), 0, "nothing held yet");
+        assert_eq!(index.longest_prefix(0, &tokens(0..20)), 0, "nothing held yet");
         // 10 tokens: two full blocks are held, the trailing two tokens are not.
-        assert_eq!(index.insert(&tokens(0..10)), 0);
+        assert_eq!(index.insert(0, &tokens(0..10)), 0);
         assert_eq!(index.tokens(), 8);
-        assert_eq!(index.longest_prefix(&tokens(0..20)), 8);
-        assert_eq!(index.longest_prefix(&tokens(0..7)), 4, "only full blocks of the prompt match");
-        assert_eq!(index.longest_prefix(&tokens(0..8)), 8, "a prompt ending on a block boundary");
+        assert_eq!(index.longest_prefix(0, &tokens(0..20)), 8);
+        assert_eq!(index.longest_prefix(0, &tokens(0..7)), 4, "only full blocks of the prompt match");
+        assert_eq!(index.longest_prefix(0, &tokens(0..8)), 8, "a prompt ending on a block boundary");
         // Diverging inside the second block keeps only the first.
         let mut fork = tokens(0..12);
         fork[6] = 99;
-        assert_eq!(index.longest_prefix(&fork), 4);
+        assert_eq!(index.longest_prefix(0, &fork), 4);
         // The same tokens at another position are another block: no match without the head.
-        assert_eq!(index.longest_prefix(&tokens(4..12)), 0);
+        assert_eq!(index.longest_prefix(0, &tokens(4..12)), 0);
     }
 
     #[test]
     fn a_block_matches_only_under_its_own_prefix() {
         let mut index = PrefixIndex::new(2, 1_000);
-        index.insert(&[1, 2, 3, 4]);
-        index.insert(&[9, 9, 3, 4, 5, 6]);
-        assert_eq!(index.longest_prefix(&[1, 2, 3, 4, 5, 6]), 4, "[5, 6] follows [9, 9, 3, 4], not [1, 2, 3, 4]");
-        assert_eq!(index.longest_prefix(&[9, 9, 3, 4, 5, 6, 7]), 6);
+        index.insert(0, &[1, 2, 3, 4]);
+        index.insert(0, &[9, 9, 3, 4, 5, 6]);
+        assert_eq!(index.longest_prefix(0, &[1, 2, 3, 4, 5, 6]), 4, "[5, 6] follows [9, 9, 3, 4], not [1, 2, 3, 4]");
+        assert_eq!(index.longest_prefix(0, &[9, 9, 3, 4, 5, 6, 7]), 6);
         // A shared head block is held once: [1, 2] [3, 4] | [9, 9] [3, 4] [5, 6] | [7, 7].
-        index.insert(&[1, 2, 7, 7]);
+        index.insert(0, &[1, 2, 7, 7]);
         assert_eq!(index.tokens(), 6 * 2);
     }
 
@@ -161,26 +168,26 @@ mod tests {
     fn the_budget_evicts_least_recently_used_chains_tail_first() {
         // Room for four blocks of 4 tokens.
         let mut index = PrefixIndex::new(4, 16);
-        assert_eq!(index.insert(&tokens(0..8)), 0); // a: 2 blocks
-        assert_eq!(index.insert(&tokens(100..108)), 0); // b: 2 blocks
-        assert_eq!(index.longest_prefix(&tokens(0..8)), 8); // a is now the most recently used
-        assert_eq!(index.insert(&tokens(200..204)), 1, "one block over the budget");
+        assert_eq!(index.insert(0, &tokens(0..8)), 0); // a: 2 blocks
+        assert_eq!(index.insert(0, &tokens(100..108)), 0); // b: 2 blocks
+        assert_eq!(index.longest_prefix(0, &tokens(0..8)), 8); // a is now the most recently used
+        assert_eq!(index.insert(0, &tokens(200..204)), 1, "one block over the budget");
         assert_eq!(index.tokens(), 16);
         // b lost its tail block, not its head: its head still matches.
-        assert_eq!(index.longest_prefix(&tokens(100..108)), 4);
-        assert_eq!(index.longest_prefix(&tokens(0..8)), 8);
-        assert_eq!(index.longest_prefix(&tokens(200..204)), 4);
+        assert_eq!(index.longest_prefix(0, &tokens(100..108)), 4);
+        assert_eq!(index.longest_prefix(0, &tokens(0..8)), 8);
+        assert_eq!(index.longest_prefix(0, &tokens(200..204)), 4);
     }
 
     #[test]
     fn a_chain_longer_than_the_budget_keeps_its_head() {
         let mut index = PrefixIndex::new(4, 12);
-        assert_eq!(index.insert(&tokens(0..40)), 7);
+        assert_eq!(index.insert(0, &tokens(0..40)), 7);
         assert_eq!(index.tokens(), 12);
-        assert_eq!(index.longest_prefix(&tokens(0..40)), 12);
+        assert_eq!(index.longest_prefix(0, &tokens(0..40)), 12);
         // A budget below one block holds nothing.
         let mut tiny = PrefixIndex::new(4, 3);
-        assert_eq!(tiny.insert(&tokens(0..8)), 2);
-        assert_eq!(tiny.longest_prefix(&tokens(0..8)), 0);
+        assert_eq!(tiny.insert(0, &tokens(0..8)), 2);
+        assert_eq!(tiny.longest_prefix(0, &tokens(0..8)), 0);
     }
 }

@@ -27,8 +27,17 @@ fn shard(cache: KvCache) -> ShardService {
 
 /// Runs a stateless turn of `tokens` as `session` and returns its usage.
 async fn stateless_turn(shard: &ShardService, session: u64, tokens: &[u32]) -> Usage {
+    scoped_turn(shard, session, TENANT, tokens).await
+}
+
+/// The scope of the tenant these tests' turns belong to.
+const TENANT: u64 = 0x7e;
+
+/// [`stateless_turn`] for the tenant with `scope`.
+async fn scoped_turn(shard: &ShardService, session: u64, scope: u64, tokens: &[u32]) -> Usage {
     let request = GenerateRequest {
         session,
+        cache_scope: scope,
         model: "tether-sim".into(),
         tokens: tokens.to_vec(),
         full: true,
@@ -66,6 +75,9 @@ async fn a_new_session_hits_the_blocks_another_session_left() {
     assert_eq!(usage.prompt_tokens, 140);
     assert_eq!(usage.cached_tokens, 96, "100 shared tokens, 6 full blocks of {BLOCK}");
 
+    // Another tenant's conversation with the same history sees nothing of it.
+    assert_eq!(scoped_turn(&shard, 4, TENANT + 1, &longer).await.cached_tokens, 0, "scoped by tenant");
+
     // A prompt that diverges inside the second block shares only the first.
     let mut fork = history.clone();
     fork[20] = 7;
@@ -78,7 +90,8 @@ async fn a_new_session_hits_the_blocks_another_session_left() {
     assert!(own >= 140, "session 2 holds its whole last prompt: {own}");
 
     let info = shard.info(Request::new(InfoRequest {})).await.expect("info").into_inner();
-    assert_eq!((info.cache_hits, info.cache_misses), (3, 1));
+    // Misses: the cold shard and the other tenant's turn.
+    assert_eq!((info.cache_hits, info.cache_misses), (3, 2));
 }
 
 #[tokio::test]

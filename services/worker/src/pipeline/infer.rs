@@ -80,6 +80,7 @@ pub fn generate_request(prepared: &Prepared, prefill_only: bool) -> GenerateRequ
         prefill_only,
         output_format: output_format(&request.text_format),
         resume_tokens: 0,
+        cache_scope: prepared.cache_scope,
     }
 }
 

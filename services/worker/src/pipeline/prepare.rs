@@ -30,6 +30,8 @@ pub struct Prepared {
     pub open_assistant: bool,
     pub tool_outputs_seen: u32,
     pub verdict: Verdict,
+    /// The tenant's scope in the shard's shared prefix index ([`tether_common::ids::cache_scope`]).
+    pub cache_scope: u64,
 }
 
 impl Prepared {
@@ -217,7 +219,19 @@ pub fn plan(ctx: &WorkerContext, turn: &TurnRequest, request: CreateRequest) -> 
         (None, _) => new_outputs,
     };
     let session = parent.as_ref().map_or(SessionKey(turn.session), |parent| parent.session);
-    Ok(Prepared { request, parent, session, header_key, new_tokens, full, open_assistant, tool_outputs_seen, verdict })
+    let cache_scope = tether_common::ids::cache_scope(&turn.tenant);
+    Ok(Prepared {
+        request,
+        parent,
+        session,
+        header_key,
+        new_tokens,
+        full,
+        open_assistant,
+        tool_outputs_seen,
+        verdict,
+        cache_scope,
+    })
 }
 
 /// 6. The tenant's prefill budget: what this turn makes the shard prefill.
