@@ -36,12 +36,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tether_dev import start_dev
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 60.0
@@ -67,29 +68,13 @@ class Proc:
 def start_tether(tether: Path, args: list[str], name: str, out: Path, run: str = "") -> tuple[Proc, str]:
     """Starts `tether dev` on an ephemeral port; returns it with the URL it printed."""
     log = out / f"{name}{run}.log"
-    popen = subprocess.Popen(
-        [str(tether), "dev", "--listen", "127.0.0.1:0", *args],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log.open("wb"), cwd=REPO,
-    )  # fmt: skip
-    found = threading.Event()
-    box: list[str] = []
-
-    def pump() -> None:
-        assert popen.stdout is not None
-        for raw in iter(popen.stdout.readline, b""):
-            match = re.search(r"tether listening on (http://\S+)", raw.decode(errors="replace"))
-            if match and not box:
-                box.append(match.group(1))
-                found.set()
-        found.set()
-
-    threading.Thread(target=pump, daemon=True).start()
+    popen, url = start_dev(tether, args, log, START_TIMEOUT_S)
     proc = Proc(name, popen, log)
-    if not found.wait(START_TIMEOUT_S) or not box:
+    if url is None:
         stop(proc)
         sys.exit(f"{name} did not start; see {log}")
-    wait_ready(f"{box[0]}/readyz", proc)
-    return proc, box[0]
+    wait_ready(f"{url}/readyz", proc)
+    return proc, url
 
 
 def free_port() -> int:

@@ -29,11 +29,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "loadtest"))
+from tether_dev import start_dev  # noqa: E402  (a sibling script's module, found through the path above)
 WORKLOAD = [
     "--turns", "30", "--tool-latency", "fixed:20ms", "--input-tokens", "2000",
     "--tool-output-bytes", "2000", "--output-tokens", "50", "--seed", "13730259289184017070",
@@ -71,26 +72,11 @@ KINDS = [
 
 
 def start_tether(tether: Path, out: Path) -> tuple[subprocess.Popen[bytes], str]:
-    log = (out / "tether.log").open("wb")
-    proc = subprocess.Popen([str(tether), "dev", "--listen", "127.0.0.1:0"], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=log, cwd=REPO)  # fmt: skip
-    found = threading.Event()
-    box: list[str] = []
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
-            match = re.search(r"tether listening on (http://\S+)", raw.decode(errors="replace"))
-            if match and not box:
-                box.append(match.group(1))
-                found.set()
-        found.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not found.wait(60) or not box:
+    proc, url = start_dev(tether, [], out / "tether.log", 60)
+    if url is None:
         stop(proc)
         sys.exit(f"tether did not start; see {out / 'tether.log'}")
-    return proc, box[0]
+    return proc, url
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
