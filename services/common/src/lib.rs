@@ -6,6 +6,7 @@ pub mod discovery;
 pub mod error_code;
 pub mod ids;
 pub mod limits;
+pub mod link;
 pub mod nodes;
 pub mod ops;
 pub mod pause;

@@ -19,7 +19,7 @@ use tether_common::tls::Tls;
 use tether_proto::shard::v1::InfoRequest;
 use tether_proto::shard::v1::shard_client::ShardClient;
 use tether_proto::worker::v1::StatusRequest;
-use tonic::transport::Channel;
+use tether_common::link::Link;
 
 use crate::state::EdgeState;
 use crate::stats::StatsSnapshot;
@@ -192,7 +192,7 @@ struct Memory {
     workers: Tracker<WorkerView>,
     shards: Tracker<ShardView>,
     events: VecDeque<Event>,
-    shard_clients: HashMap<String, ShardClient<Channel>>,
+    shard_clients: HashMap<String, ShardClient<Link>>,
 }
 
 fn now_ms() -> u64 {
@@ -204,12 +204,12 @@ impl ClusterView {
         ClusterView { tls, memory: Mutex::default() }
     }
 
-    fn shard_client(&self, member: &Member) -> Option<ShardClient<Channel>> {
+    fn shard_client(&self, member: &Member) -> Option<ShardClient<Link>> {
         let mut memory = self.memory.lock();
         if let Some(client) = memory.shard_clients.get(&member.addr) {
             return Some(client.clone());
         }
-        let client = ShardClient::new(tether_common::nodes::channel(&member.addr, self.tls.as_ref())?);
+        let client = ShardClient::new(tether_common::link::connect(&member.addr, self.tls.as_ref())?);
         memory.shard_clients.insert(member.addr.clone(), client.clone());
         Some(client)
     }
@@ -258,7 +258,7 @@ async fn worker_view(handle: WorkerHandle, live: bool, addr: String, moved_in: u
     }
 }
 
-async fn shard_view(client: Option<ShardClient<Channel>>, member: Member) -> ShardView {
+async fn shard_view(client: Option<ShardClient<Link>>, member: Member) -> ShardView {
     let reply = match client {
         Some(mut client) => tokio::time::timeout(CALL_TIMEOUT, client.info(InfoRequest {}))
             .await

@@ -15,7 +15,7 @@ use tether_common::tls::Tls;
 use tether_proto::worker::v1::worker_client::WorkerClient;
 use tether_proto::worker::v1::{ApiError, ListModelsRequest, ResponseBody, response_body};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use tether_common::link::Link;
 
 /// How many workers a read-only call tries: the key's owner, then the next owners.
 const READ_ATTEMPTS: usize = 3;
@@ -24,7 +24,7 @@ const READ_ATTEMPTS: usize = 3;
 #[derive(Clone)]
 pub struct WorkerHandle {
     pub id: Arc<str>,
-    pub client: WorkerClient<Channel>,
+    pub client: WorkerClient<Link>,
     /// Sessions this edge has live on the worker (WebSocket connections, HTTP turns).
     active: Arc<AtomicUsize>,
 }
@@ -64,7 +64,7 @@ impl WorkerPool {
             discovery,
             NodeKind::Worker,
             Arc::new(move |member: &tether_common::discovery::Member| {
-                let client = WorkerClient::new(tether_common::nodes::channel(&member.addr, tls.as_ref())?)
+                let client = WorkerClient::new(tether_common::link::connect(&member.addr, tls.as_ref())?)
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20);
                 Some(WorkerHandle { id: Arc::from(member.id.as_str()), client, active: Arc::default() })
@@ -103,7 +103,7 @@ impl WorkerPool {
     /// owner asked, which pulls a moved chain. `None` when the worker had nothing to say.
     pub async fn ask<F, Fut>(&self, key: SessionKey, call: F) -> Result<Option<response_body::Kind>, ApiError>
     where
-        F: Fn(WorkerClient<Channel>) -> Fut,
+        F: Fn(WorkerClient<Link>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<ResponseBody>, tonic::Status>>,
     {
         let mut last = crate::error::unavailable(ErrorClass::Unavailable);

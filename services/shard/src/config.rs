@@ -320,6 +320,9 @@ pub struct ShardConfig {
     pub shutdown_grace: Duration,
     /// Mutual TLS on this shard's port and on its calls to other shards.
     pub tls: Option<Tls>,
+    /// Offer this node's router to the nodes of the same process as an in-memory link
+    /// (`tether_common::link`), instead of loopback gRPC: `tether dev`.
+    pub in_memory_links: bool,
 }
 
 impl ShardConfig {
@@ -335,6 +338,7 @@ impl ShardConfig {
             openai: None,
             shutdown_grace: Duration::from_secs(5),
             tls: None,
+            in_memory_links: false,
         }
     }
 }
@@ -352,6 +356,7 @@ impl ShardConfig {
             openai: None,
             shutdown_grace,
             tls: None,
+            in_memory_links: false,
         }
     }
 
@@ -374,6 +379,7 @@ impl From<ShardArgs> for ShardConfig {
             shutdown_grace: args.common.shutdown_grace,
             // loaded and checked by the caller (`TlsArgs::load` reads files and can fail)
             tls: None,
+            in_memory_links: false,
         }
     }
 }

@@ -11,9 +11,9 @@ use tether_common::tls::Tls;
 use tether_proto::shard::v1::InfoRequest;
 use tether_proto::shard::v1::shard_client::ShardClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use tether_common::link::Link;
 
-pub type PeerClient = ShardClient<Channel>;
+pub type PeerClient = ShardClient<Link>;
 
 /// Largest gRPC message a shard sends or accepts: an exported llama session is about 23 KB per
 /// token (dependencies.md §4), so a full 8192-token context is about 190 MB.
@@ -29,7 +29,7 @@ impl ShardPeers {
     /// Follows shard membership until `stop`.
     pub fn start(discovery: &dyn Discovery, self_id: &str, tls: Option<Tls>, stop: CancellationToken) -> Self {
         let connect = Arc::new(move |member: &Member| {
-            let channel = tether_common::nodes::channel(&member.addr, tls.as_ref())?;
+            let channel = tether_common::link::connect(&member.addr, tls.as_ref())?;
             Some(
                 ShardClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -53,6 +53,9 @@ pub async fn serve(
     }));
 
     let stop_serving = CancellationToken::new();
+    if config.in_memory_links {
+        tether_common::link::publish_until(&addr, router.clone(), stop_serving.clone());
+    }
     let server = tokio::spawn({
         let tls = config.tls.clone();
         let stop = stop_serving.clone();

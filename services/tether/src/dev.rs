@@ -1,6 +1,7 @@
 //! `tether dev`: the embedded single-process cluster (edge, 3 workers, 2 sim shards) with
 //! in-memory membership. Only the edge's port faces clients; workers and shards listen on
-//! ephemeral loopback ports and talk real gRPC.
+//! ephemeral loopback ports, and call each other's gRPC services in memory (`--links memory`,
+//! see `tether_common::link`) or over those ports (`--links tcp`).
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -61,10 +62,22 @@ pub struct DevArgs {
     #[arg(long, env = "TETHER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
 
+    /// How the nodes reach each other: `memory` calls the node's gRPC service inside this
+    /// process (the same service, codec and statuses, without sockets and HTTP/2 framing);
+    /// `tcp` over loopback, as separate processes do. `--tls` implies `tcp`.
+    #[arg(long, env = "TETHER_DEV_LINKS", value_enum, default_value_t = Links::Memory)]
+    pub links: Links,
+
     /// Mutual TLS between the nodes too (a CA and certificates made in memory at start); the
     /// internal plane is plaintext on loopback otherwise. The Responses API stays plain HTTP.
     #[arg(long, env = "TETHER_DEV_TLS")]
     pub tls: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Links {
+    Memory,
+    Tcp,
 }
 
 pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliError> {
@@ -96,6 +109,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
         let sans = ["localhost".to_owned(), "127.0.0.1".to_owned()];
         authority.as_ref().map(|ca| ca.node_tls(id, &sans)).transpose().map_err(|e| CliError::Config(e.to_string()))
     };
+    let in_memory_links = args.links == Links::Memory && !args.tls;
     let discovery: Arc<dyn Discovery> = Arc::new(MemoryDiscovery::new());
     let internal = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     let mut nodes = JoinSet::new();
@@ -104,6 +118,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
         let mut config = tether_shard::ShardConfig::from_engine(args.sim.clone(), &args.engine, args.shutdown_grace);
         config.id = Some(format!("shard-{index}"));
         config.tls = node_tls(&format!("shard-{index}"))?;
+        config.in_memory_links = in_memory_links;
         if let (Some(llama), None) = (config.llama.as_mut(), args.engine.threads) {
             llama.threads = (llama.threads / args.shards.max(1) as u32).max(1); // share the cores
         }
@@ -120,6 +135,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
         let mut config = tether_worker::WorkerConfig::for_test();
         config.id = Some(format!("worker-{index}"));
         config.tls = node_tls(&format!("worker-{index}"))?;
+        config.in_memory_links = in_memory_links;
         config.shutdown_grace = args.shutdown_grace;
         config.shard_placement = args.shard_placement;
         if let Some(llama) = args.engine.llama() {

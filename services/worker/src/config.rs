@@ -122,6 +122,9 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// Mutual TLS on this worker's port and on its calls to workers and shards.
     pub tls: Option<Tls>,
+    /// Offer this node's router to the nodes of the same process as an in-memory link
+    /// (`tether_common::link`), instead of loopback gRPC: `tether dev`.
+    pub in_memory_links: bool,
 }
 
 impl WorkerConfig {
@@ -146,6 +149,7 @@ impl WorkerConfig {
             },
             shutdown_grace: Duration::from_secs(5),
             tls: None,
+            in_memory_links: false,
         }
     }
 }
@@ -168,6 +172,7 @@ impl From<WorkerArgs> for WorkerConfig {
             shutdown_grace: args.common.shutdown_grace,
             // loaded and checked by the caller (`TlsArgs::load` reads files and can fail)
             tls: None,
+            in_memory_links: false,
         }
     }
 }

@@ -10,9 +10,9 @@ use tether_common::tls::Tls;
 use tether_proto::worker::v1::ListModelsRequest;
 use tether_proto::worker::v1::worker_client::WorkerClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use tether_common::link::Link;
 
-pub type PeerClient = WorkerClient<Channel>;
+pub type PeerClient = WorkerClient<Link>;
 
 #[derive(Clone)]
 pub struct Peers {
@@ -23,7 +23,7 @@ pub struct Peers {
 impl Peers {
     pub fn start(discovery: &dyn Discovery, self_id: &str, tls: Option<Tls>, stop: CancellationToken) -> Self {
         let connect = Arc::new(move |member: &Member| {
-            let channel = tether_common::nodes::channel(&member.addr, tls.as_ref())?;
+            let channel = tether_common::link::connect(&member.addr, tls.as_ref())?;
             Some(WorkerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
         });
         let probe = Arc::new(|mut client: PeerClient| -> tether_common::discovery::BoxFuture<'static, bool> {

@@ -69,6 +69,9 @@ pub async fn serve_with(
         .max_encoding_message_size(256 << 20);
     let router = tonic::service::Routes::new(service).into_axum_router().merge(ops::router(serving.clone()));
     let stop_accepting = CancellationToken::new();
+    if config.in_memory_links {
+        tether_common::link::publish_until(&addr, router.clone(), stop_accepting.clone());
+    }
     let server = tokio::spawn({
         let tls = config.tls.clone();
         let stop = stop_accepting.clone();

@@ -208,6 +208,7 @@ async fn pump_sse(
     cut: Arc<AtomicBool>,
 ) {
     let mut pending = Some(first);
+    let relayed = metrics::counter!(m::EVENTS_RELAYED);
     loop {
         let item = match pending.take() {
             Some(item) => item,
@@ -234,7 +235,7 @@ async fn pump_sse(
             RelayItem::Final { .. } => return,
         };
         match tokio::time::timeout(read_timeout, frames.send(frame)).await {
-            Ok(Ok(())) => metrics::counter!(m::EVENTS_RELAYED).increment(1),
+            Ok(Ok(())) => relayed.increment(1),
             // The client went away: the body was dropped.
             Ok(Err(_)) => {
                 guard.set_outcome(Outcome::Cancelled);

@@ -64,8 +64,18 @@ pub async fn run(
     let read_timeout = state.config.client_read_timeout;
     let mut writer = tokio::spawn(async move {
         while let Some(message) = out_rx.recv().await {
-            let closing = matches!(message, Message::Close(_));
-            match tokio::time::timeout(read_timeout, sink.send(message)).await {
+            let mut closing = matches!(message, Message::Close(_));
+            // Frames queued together go out in one write (one system call for the events a
+            // worker produced at once, e.g. an item's `.done` events and `response.completed`).
+            let write = async {
+                sink.feed(message).await?;
+                while !closing && let Ok(next) = out_rx.try_recv() {
+                    closing = matches!(next, Message::Close(_));
+                    sink.feed(next).await?;
+                }
+                sink.flush().await
+            };
+            match tokio::time::timeout(read_timeout, write).await {
                 Ok(Ok(())) if !closing => {}
                 Ok(_) => break,
                 Err(_) => {
@@ -302,6 +312,7 @@ async fn run_create(
             send(ws_error_event(&error, stream_id.as_deref())).await;
         }
         Ok(mut relay) => {
+            let relayed = metrics::counter!(m::EVENTS_RELAYED);
             while let Some(item) = relay.next().await {
                 guard.first_event();
                 let text = match item {
@@ -325,7 +336,7 @@ async fn run_create(
                     }
                     RelayItem::Final { .. } => continue,
                 };
-                metrics::counter!(m::EVENTS_RELAYED).increment(1);
+                relayed.increment(1);
                 if !send(text).await {
                     break;
                 }

@@ -169,31 +169,44 @@ impl Emitter {
     pub async fn flush(&mut self) -> Result<(), Closed> {
         let Some(pending) = self.pending.take() else { return Ok(()) };
         let delta_bytes = pending.text.len();
-        let (event_type, fields) = match pending.kind {
-            DeltaKind::Text => (
-                "response.output_text.delta",
-                serde_json::json!({
-                    "item_id": pending.item_id,
-                    "output_index": pending.output_index,
-                    "content_index": 0,
-                    "delta": pending.text,
-                    "logprobs": [],
-                }),
-            ),
-            DeltaKind::Arguments => (
-                "response.function_call_arguments.delta",
-                serde_json::json!({
-                    "item_id": pending.item_id,
-                    "output_index": pending.output_index,
-                    "delta": pending.text,
-                }),
-            ),
+        let (event_type, content_index, logprobs) = match pending.kind {
+            DeltaKind::Text => ("response.output_text.delta", Some(0), Some([])),
+            DeltaKind::Arguments => ("response.function_call_arguments.delta", None, None),
         };
-        let Value::Object(fields) = fields else { unreachable!() };
-        let json = self.serialize(event_type, fields);
+        // Deltas are most of a response's events: written from a borrowed struct, not built
+        // as a map of owned keys and values first.
+        let event = DeltaEvent {
+            event_type,
+            sequence_number: self.sequence,
+            stream_id: self.stream_id.as_deref(),
+            item_id: &pending.item_id,
+            output_index: pending.output_index,
+            content_index,
+            delta: &pending.text,
+            logprobs,
+        };
+        let json = serde_json::to_vec(&event).expect("events serialize");
+        self.sequence += 1;
         let event = self.event(event_type, json, false, delta_bytes);
         self.send(turn_event::Kind::Event(event)).await
     }
+}
+
+/// A text or arguments delta event, as the protocol writes it.
+#[derive(serde::Serialize)]
+struct DeltaEvent<'a> {
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    sequence_number: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_id: Option<&'a str>,
+    item_id: &'a str,
+    output_index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_index: Option<u32>,
+    delta: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<[(); 0]>,
 }
 
 #[cfg(test)]
@@ -203,6 +216,22 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::Emitter;
+
+    #[tokio::test]
+    async fn a_text_delta_has_the_protocol_fields() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut emitter = Emitter::new(tx, Some("lane-1".into()), false);
+        emitter.text_delta("msg_1", 2, "h\u{e9}llo \"x\"").await.unwrap();
+        let Some(Ok(event)) = rx.recv().await else { panic!("an event") };
+        let Some(Kind::Event(event)) = event.kind else { panic!("an event") };
+        assert_eq!(event.delta_bytes, "h\u{e9}llo \"x\"".len() as u32);
+        assert_eq!(
+            serde_json::from_slice::<Value>(&event.json).unwrap(),
+            json!({"type": "response.output_text.delta", "sequence_number": 0, "stream_id": "lane-1",
+                   "item_id": "msg_1", "output_index": 2, "content_index": 0, "delta": "h\u{e9}llo \"x\"",
+                   "logprobs": []})
+        );
+    }
 
     #[tokio::test]
     async fn argument_deltas_coalesce_while_the_queue_is_full() {

@@ -9,12 +9,12 @@ use tether_common::tls::Tls;
 use tether_proto::shard::v1::shard_client::ShardClient;
 use tether_proto::shard::v1::{GenerateRequest, InfoRequest, InfoResponse};
 use tonic::Status;
-use tonic::transport::Channel;
+use tether_common::link::Link;
 
 use super::{ChunkStream, ShardApi};
 
 pub struct GrpcShard {
-    client: ShardClient<Channel>,
+    client: ShardClient<Link>,
     described: Arc<RwLock<Described>>,
 }
 
@@ -40,7 +40,7 @@ impl GrpcShard {
     /// Creates the channel (connected on first use) and asks the shard for its models;
     /// `None` if `addr` is not a URL of the plane's scheme.
     pub fn connect(id: &str, addr: &str, tls: Option<&Tls>) -> Option<Self> {
-        let channel = tether_common::nodes::channel(addr, tls)?;
+        let channel = tether_common::link::connect(addr, tls)?;
         let client = ShardClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
         let described = Arc::new(RwLock::new(Described::default()));
         let (mut info_client, info_described, id) = (client.clone(), described.clone(), id.to_owned());
