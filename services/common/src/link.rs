@@ -95,9 +95,12 @@ pub fn publish_until(addr: &str, router: Router, stop_accepting: tokio_util::syn
 }
 
 /// The link to the node at `addr`: in memory when a node of this process published that
-/// address, else a TCP channel ([`crate::nodes::channel`]; `None` for an unusable address).
+/// address and the plane has no TLS (mutual TLS is never bypassed), else a TCP channel
+/// ([`crate::nodes::channel`]; `None` for an unusable address).
 pub fn connect(addr: &str, tls: Option<&Tls>) -> Option<Link> {
-    if let Some(entry) = LOCAL.read().get(addr) {
+    if tls.is_none()
+        && let Some(entry) = LOCAL.read().get(addr)
+    {
         return Some(in_memory(entry.router.clone(), entry.open.clone()));
     }
     let channel = crate::nodes::channel(addr, tls)?;

@@ -15,11 +15,11 @@ use futures_util::future::join_all;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tether_common::discovery::{Member, NodeKind};
+use tether_common::link::Link;
 use tether_common::tls::Tls;
 use tether_proto::shard::v1::InfoRequest;
 use tether_proto::shard::v1::shard_client::ShardClient;
 use tether_proto::worker::v1::StatusRequest;
-use tether_common::link::Link;
 
 use crate::state::EdgeState;
 use crate::stats::StatsSnapshot;

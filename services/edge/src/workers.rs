@@ -10,12 +10,12 @@ use std::time::Duration;
 use tether_common::SessionKey;
 use tether_common::discovery::{Discovery, Members, NodeKind};
 use tether_common::error_code::ErrorClass;
+use tether_common::link::Link;
 use tether_common::nodes::NodeSet;
 use tether_common::tls::Tls;
 use tether_proto::worker::v1::worker_client::WorkerClient;
 use tether_proto::worker::v1::{ApiError, ListModelsRequest, ResponseBody, response_body};
 use tokio_util::sync::CancellationToken;
-use tether_common::link::Link;
 
 /// How many workers a read-only call tries: the key's owner, then the next owners.
 const READ_ATTEMPTS: usize = 3;

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_common::discovery::{BoxFuture, Discovery, Member, NodeKind};
+use tether_common::link::Link;
 use tether_common::nodes::NodeSet;
 use tether_common::tls::Tls;
 use tether_proto::shard::v1::InfoRequest;
 use tether_proto::shard::v1::shard_client::ShardClient;
 use tokio_util::sync::CancellationToken;
-use tether_common::link::Link;
 
 pub type PeerClient = ShardClient<Link>;
 

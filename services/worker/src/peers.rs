@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_common::discovery::{Discovery, Member, NodeKind};
+use tether_common::link::Link;
 use tether_common::nodes::NodeSet;
 use tether_common::tls::Tls;
 use tether_proto::worker::v1::ListModelsRequest;
 use tether_proto::worker::v1::worker_client::WorkerClient;
 use tokio_util::sync::CancellationToken;
-use tether_common::link::Link;
 
 pub type PeerClient = WorkerClient<Link>;
 

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use tether_common::discovery::BoxFuture;
+use tether_common::link::Link;
 use tether_common::tls::Tls;
 use tether_proto::shard::v1::shard_client::ShardClient;
 use tether_proto::shard::v1::{GenerateRequest, InfoRequest, InfoResponse};
 use tonic::Status;
-use tether_common::link::Link;
 
 use super::{ChunkStream, ShardApi};
 
