@@ -110,7 +110,8 @@ pub fn connect(addr: &str, tls: Option<&Tls>) -> Option<Link> {
 }
 
 /// Whether a node of this process published `addr` (its links are in memory).
-pub fn is_local(addr: &str) -> bool {
+#[cfg(test)]
+fn is_local(addr: &str) -> bool {
     LOCAL.read().contains_key(addr)
 }
 
