@@ -153,7 +153,13 @@ def stop(proc: Proc) -> None:
 
 
 def run_loadtest(
-    args: argparse.Namespace, url: str, modes: str, agents: int, cpu: list[Proc], name: str
+    args: argparse.Namespace,
+    url: str,
+    modes: str,
+    agents: int,
+    cpu: list[Proc],
+    name: str,
+    workload: list[str] = WORKLOAD,
 ) -> dict[str, Any]:
     out: Path = args.out
     report = out / f"{name}.json"
@@ -161,7 +167,7 @@ def run_loadtest(
     command = [
         str(args.loadtest), "--url", url, "--mode", modes, "--agents", str(agents),
         "--workflows", str(workflows), "--duration", args.duration, "--request-timeout", "30s",
-        *WORKLOAD, "--cpu-pid", ",".join(f"{p.name}={p.pid}" for p in cpu),
+        *workload, "--cpu-pid", ",".join(f"{p.name}={p.pid}" for p in cpu),
         "--json", str(report), "--markdown", str(out / f"{name}.md"), "--quiet",
     ]  # fmt: skip
     print("$ " + " ".join(command), file=sys.stderr)

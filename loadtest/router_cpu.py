@@ -30,7 +30,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peer_router import REPO, Proc, cpu_per_turn, free_port, run_loadtest, start_tether, stop, wait_ready
+from peer_router import (
+    REPO,
+    WORKLOAD,
+    Proc,
+    cpu_per_turn,
+    free_port,
+    run_loadtest,
+    start_tether,
+    stop,
+    wait_ready,
+)
 
 MODES = "ws,http-full,direct"
 
@@ -108,7 +118,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--setups", default="dev-memory,dev-tcp,processes")
+    parser.add_argument(
+        "--output-tokens",
+        type=int,
+        default=50,
+        help="output tokens per turn (one event each at the sim's rate): the cost per event is the slope",
+    )
+    parser.add_argument("--modes", default=MODES)
     args = parser.parse_args()
+    workload = list(WORKLOAD)
+    workload[workload.index("--output-tokens") + 1] = str(args.output_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[str] = []
     for setup in args.setups.split(","):
@@ -117,14 +136,14 @@ def main() -> None:
             dev_args = ["--links", links, "--workers", str(args.workers), "--shards", str(args.shards)]
             proc, url = start_tether(args.tether, dev_args, "tether", args.out, f"-{links}")
             try:
-                report = run_loadtest(args, url, MODES, args.agents, [proc], setup)
+                report = run_loadtest(args, url, args.modes, args.agents, [proc], setup, workload)
             finally:
                 stop(proc)
             rows += summarize(setup, report, ["tether"], [])
         elif setup == "processes":
             procs, url = start_processes(args, args.out)
             try:
-                report = run_loadtest(args, url, MODES, args.agents, procs, setup)
+                report = run_loadtest(args, url, args.modes, args.agents, procs, setup, workload)
             finally:
                 for proc in procs:
                     stop(proc)

@@ -19,6 +19,8 @@ pub mod defaults {
     pub const DEFAULT_MODEL: &str = "tether-sim";
     pub const TENANT_PREFILL_TOKENS_PER_SECOND: u32 = 10_000_000;
     pub const TENANT_PREFILL_BURST: u32 = 20_000_000;
+    /// 16 MiB of token ids: the last turn of ~250 stateless sessions of 16k tokens.
+    pub const STATELESS_HELD_TOKENS: usize = 4_000_000;
 }
 
 #[derive(Clone, Debug, Args)]
@@ -46,6 +48,12 @@ pub struct WorkerArgs {
     /// How long a response's state stays resolvable.
     #[arg(long, env = "TETHER_WORKER_CACHE_TTL", value_parser = humantime::parse_duration, default_value = defaults::CACHE_TTL, help_heading = "Session cache")]
     pub cache_ttl: Duration,
+
+    /// Tokens remembered of the last prompt and output of each stateless session (no
+    /// `previous_response_id`), so its next turn, which resends the history, claims them from
+    /// the shard and sends only what is new (0: every stateless turn is sent whole).
+    #[arg(long, env = "TETHER_WORKER_STATELESS_HELD_TOKENS", default_value_t = defaults::STATELESS_HELD_TOKENS, help_heading = "Session cache")]
+    pub stateless_held_tokens: usize,
 
     /// Model used when a request names none.
     #[arg(long, env = "TETHER_WORKER_DEFAULT_MODEL", default_value = defaults::DEFAULT_MODEL)]
@@ -111,6 +119,8 @@ pub struct WorkerConfig {
     pub id: Option<String>,
     pub advertise: Option<String>,
     pub cache: CacheLimits,
+    /// Tokens remembered of stateless sessions' last turns (`session::held`).
+    pub stateless_held_tokens: usize,
     pub default_model: String,
     pub safety_patterns: Vec<(String, String)>,
     pub replication: ReplicationMode,
@@ -138,6 +148,7 @@ impl WorkerConfig {
                 max_entries: 100_000,
                 ttl: humantime::parse_duration(defaults::CACHE_TTL).expect("the default ttl parses"),
             },
+            stateless_held_tokens: defaults::STATELESS_HELD_TOKENS,
             default_model: defaults::DEFAULT_MODEL.into(),
             safety_patterns: Vec::new(),
             replication: ReplicationMode::Sync,
@@ -160,6 +171,7 @@ impl From<WorkerArgs> for WorkerConfig {
             id: args.id,
             advertise: args.advertise,
             cache: CacheLimits { max_bytes: args.cache_bytes, max_entries: args.cache_entries, ttl: args.cache_ttl },
+            stateless_held_tokens: args.stateless_held_tokens,
             default_model: args.default_model,
             safety_patterns: args.safety_patterns,
             replication: args.replication,

@@ -12,7 +12,7 @@ use crate::config::ReplicationMode;
 use crate::in_flight::InFlight;
 use crate::peers::Peers;
 use crate::safety::Classifier;
-use crate::session::SessionCache;
+use crate::session::{HeldPrompts, SessionCache};
 use crate::shard_pool::ShardPool;
 use crate::stats::WorkerStats;
 use crate::tokenizer::Renderers;
@@ -21,6 +21,8 @@ use crate::tokenizer::Renderers;
 pub struct WorkerContext {
     pub id: String,
     pub cache: SessionCache,
+    /// What the shards hold for each stateless session (its last prompt and output).
+    pub held: HeldPrompts,
     pub shards: ShardPool,
     /// Renders prompts with each model's tokenizer.
     pub renderer: Renderers,

@@ -12,6 +12,7 @@ pub const SAFETY_CHECKED_BYTES: &str = "tether_worker_safety_checked_bytes_total
 pub const SAFETY_FLAGGED: &str = "tether_worker_safety_flagged_total";
 pub const SHARD_RESENDS: &str = "tether_worker_shard_resends_total";
 pub const SHARD_FAILOVERS: &str = "tether_worker_shard_failovers_total";
+pub const STATELESS_CLAIMED_TOKENS: &str = "tether_worker_stateless_claimed_tokens_total";
 pub const CACHE_EVICTIONS: &str = "tether_worker_cache_evictions_total";
 pub const CACHE_BYTES: &str = "tether_worker_cache_bytes";
 pub const CACHE_ENTRIES: &str = "tether_worker_cache_entries";
@@ -50,6 +51,10 @@ pub fn describe() {
     metrics::describe_counter!(SAFETY_FLAGGED, "Inputs the safety classifier flagged");
     metrics::describe_counter!(SHARD_RESENDS, "Full-prompt resends after a shard cache miss");
     metrics::describe_counter!(SHARD_FAILOVERS, "Turns moved to another shard before output");
+    metrics::describe_counter!(
+        STATELESS_CLAIMED_TOKENS,
+        "Tokens of stateless turns claimed from what the shard held of their session, not sent"
+    );
     metrics::describe_counter!(CACHE_EVICTIONS, "Session states evicted, by reason");
     metrics::describe_gauge!(CACHE_BYTES, "Approximate bytes of session state held");
     metrics::describe_gauge!(CACHE_ENTRIES, "Session states held");

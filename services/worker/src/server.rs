@@ -17,7 +17,7 @@ use crate::grpc::WorkerService;
 use crate::peers::Peers;
 use crate::replication::hand_off;
 use crate::safety::PatternClassifier;
-use crate::session::SessionCache;
+use crate::session::{HeldPrompts, SessionCache};
 use crate::shard_pool::{ShardConnector, ShardPool, grpc_connector};
 use crate::tokenizer::Renderers;
 
@@ -53,6 +53,7 @@ pub async fn serve_with(
     let ctx = Arc::new(WorkerContext {
         id: id.clone(),
         cache: SessionCache::new(config.cache),
+        held: HeldPrompts::new(config.stateless_held_tokens),
         shards: ShardPool::start(discovery.as_ref(), connector, stop.clone()).with_placement(config.shard_placement),
         renderer,
         classifier: Arc::new(PatternClassifier::with_defaults(&config.safety_patterns)),

@@ -126,10 +126,22 @@ pub async fn generate(
         return Ok(Generation::Closed);
     }
     let mut request = generate_request(prepared, prefill_only);
+    // A stateless turn resends its history: claim what the shard holds of it.
+    let claim = match prepared.parent {
+        None => ctx.held.claim(prepared.cache_scope, prepared.session.0, &prepared.new_tokens),
+        Some(_) => None,
+    };
+    if let Some(claim) = claim {
+        request.full = false;
+        request.prefix_len = claim.len;
+        request.prefix_hash = claim.hash.value();
+        request.tokens.drain(..claim.len as usize);
+        metrics::counter!(m::STATELESS_CLAIMED_TOKENS).increment(u64::from(claim.len));
+    }
     let budget = request.sampling.as_ref().map_or(0, |sampling| sampling.max_output_tokens);
     // The output so far (continued after), and whether the shard needs the whole prompt.
     let mut so_far = done.to_vec();
-    let mut full = prepared.full;
+    let mut full = request.full;
     let mut last_error = WorkerError::NoShard;
     for (attempt, (shard_id, shard)) in candidates.iter().enumerate() {
         if attempt > 0 {
@@ -201,6 +213,11 @@ pub async fn generate(
                         }
                     }
                     Some(Kind::Finished(finished)) => {
+                        if prepared.parent.is_none() {
+                            let claim = if full { None } else { claim };
+                            let (scope, session) = (prepared.cache_scope, prepared.session.0);
+                            ctx.held.remember(scope, session, claim, &prepared.new_tokens, &completion);
+                        }
                         return Ok(Generation::Finished { finished, completion, shard: shard_id.clone() });
                     }
                     None => {}

@@ -2,7 +2,9 @@
 
 pub mod cache;
 pub mod convert;
+pub mod held;
 pub mod state;
 
 pub use cache::{CacheLimits, SessionCache};
+pub use held::HeldPrompts;
 pub use state::{ResponseState, Segments};
