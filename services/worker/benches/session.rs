@@ -1,5 +1,6 @@
 //! The worker's hot paths: session-cache get/put, and rendering a turn's new items versus
-//! rendering the whole history (what the stateless path pays every turn).
+//! rendering the whole history (what the stateless path pays every turn), and tokenizing a
+//! text against finding it in the memo of recent texts, by size (where `MIN_BYTES` sits).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tether_worker::api::items::{Item, Role};
 use tether_worker::render::Renderer;
 use tether_worker::session::state::ResponseState;
 use tether_worker::session::{CacheLimits, Segments, SessionCache};
+use tether_worker::tokenizer::{Memoized, O200k, Tokenizer};
 
 fn state(i: usize) -> Arc<ResponseState> {
     Arc::new(ResponseState {
@@ -97,5 +99,17 @@ fn session(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, session);
+fn memo(c: &mut Criterion) {
+    let plain = O200k::new();
+    let memo = Memoized::new(Arc::new(O200k::new()));
+    let words = "{\"path\":\"crate/parser\",\"verbose\":true} test result: 3 passed, 1 failed; ".repeat(8);
+    for size in [32usize, 64, 256] {
+        let text = &words[..size];
+        memo.encode(text);
+        c.bench_function(&format!("tokenize/bpe_{size}B"), |b| b.iter(|| black_box(plain.encode(black_box(text)))));
+        c.bench_function(&format!("tokenize/memo_hit_{size}B"), |b| b.iter(|| black_box(memo.encode(black_box(text)))));
+    }
+}
+
+criterion_group!(benches, session, memo);
 criterion_main!(benches);

@@ -5,7 +5,8 @@
 //! client) reads slower than the model writes: a delta waits while the outgoing queue is full
 //! and later text of the same item joins it.
 
-use serde_json::{Map, Value};
+use serde::Serialize;
+use serde_json::Value;
 use tether_proto::worker::v1::{Event, FinalResponse, TurnEvent, turn_event};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -95,16 +96,31 @@ impl Emitter {
         self.sent_any
     }
 
-    fn serialize(&mut self, event_type: &str, fields: Map<String, Value>) -> Vec<u8> {
-        let mut object = Map::with_capacity(fields.len() + 3);
-        object.insert("type".into(), Value::String(event_type.into()));
-        object.insert("sequence_number".into(), Value::from(self.sequence));
+    /// `{"type", "sequence_number", "stream_id"?, ...fields}`, written straight from `fields`
+    /// (any value that serializes as a JSON object), with no intermediate map or copy of it.
+    fn serialize(&mut self, event_type: &str, fields: &impl Serialize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"{\"type\":");
+        serde_json::to_writer(&mut out, event_type).expect("events serialize");
+        out.extend_from_slice(b",\"sequence_number\":");
+        out.extend_from_slice(self.sequence.to_string().as_bytes());
         if let Some(stream_id) = &self.stream_id {
-            object.insert("stream_id".into(), Value::String(stream_id.clone()));
+            out.extend_from_slice(b",\"stream_id\":");
+            serde_json::to_writer(&mut out, stream_id).expect("events serialize");
         }
-        object.extend(fields);
+        let header = out.len();
+        out.push(b',');
+        serde_json::to_writer(&mut out, fields).expect("events serialize");
+        debug_assert_eq!(out.get(header + 1), Some(&b'{'), "event fields are an object");
+        if out.len() == header + 3 {
+            // `{}`: no fields.
+            out.truncate(header);
+            out.push(b'}');
+        } else {
+            out.remove(header + 1);
+        }
         self.sequence += 1;
-        serde_json::to_vec(&Value::Object(object)).expect("events serialize")
+        out
     }
 
     async fn send(&mut self, event: turn_event::Kind) -> Result<(), Closed> {
@@ -112,14 +128,13 @@ impl Emitter {
         self.sink.send(Ok(TurnEvent { kind: Some(event) })).await.map_err(|_| Closed)
     }
 
-    /// Sends one event (after any pending delta).
-    pub async fn emit(&mut self, event_type: &str, fields: Value) -> Result<(), Closed> {
+    /// Sends one event (after any pending delta); `fields` serializes as a JSON object.
+    pub async fn emit(&mut self, event_type: &str, fields: impl Serialize) -> Result<(), Closed> {
         self.flush().await?;
         if self.final_only {
             return Ok(());
         }
-        let Value::Object(fields) = fields else { unreachable!("event fields are an object") };
-        let json = self.serialize(event_type, fields);
+        let json = self.serialize(event_type, &fields);
         let event = self.event(event_type, json, false, 0);
         self.send(turn_event::Kind::Event(event)).await
     }
@@ -131,9 +146,7 @@ impl Emitter {
             let json = serde_json::to_vec(&response).expect("responses serialize");
             return self.send(turn_event::Kind::Final(FinalResponse { status: http_status, json })).await;
         }
-        let mut fields = Map::new();
-        fields.insert("response".into(), response);
-        let json = self.serialize(event_type, fields);
+        let json = self.serialize(event_type, &ResponseField { response: &response });
         let event = self.event(event_type, json, true, 0);
         self.send(turn_event::Kind::Event(event)).await
     }
@@ -192,8 +205,23 @@ impl Emitter {
     }
 }
 
+/// The fields of an event that carries the Response object (`response.created`, the terminal
+/// events), borrowed.
+#[derive(Serialize)]
+pub struct ResponseField<'a> {
+    pub response: &'a Value,
+}
+
+/// The fields of an event about one output item (`response.output_item.added` / `.done`),
+/// borrowed.
+#[derive(Serialize)]
+pub struct OutputItemField<'a> {
+    pub output_index: u32,
+    pub item: &'a Value,
+}
+
 /// A text or arguments delta event, as the protocol writes it.
-#[derive(serde::Serialize)]
+#[derive(Serialize)]
 struct DeltaEvent<'a> {
     #[serde(rename = "type")]
     event_type: &'a str,
@@ -231,6 +259,27 @@ mod tests {
                    "item_id": "msg_1", "output_index": 2, "content_index": 0, "delta": "h\u{e9}llo \"x\"",
                    "logprobs": []})
         );
+    }
+
+    #[tokio::test]
+    async fn events_carry_type_sequence_lane_then_their_fields() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut emitter = Emitter::new(tx, Some("lane-1".into()), false);
+        let item = json!({"id": "fc_1", "type": "function_call"});
+        emitter
+            .emit("response.output_item.added", super::OutputItemField { output_index: 3, item: &item })
+            .await
+            .unwrap();
+        emitter.emit("response.queued", json!({})).await.unwrap();
+        let received = |event: Option<Result<tether_proto::worker::v1::TurnEvent, _>>| -> String {
+            let Some(Kind::Event(event)) = event.unwrap().unwrap().kind else { panic!("an event") };
+            String::from_utf8(event.json).unwrap()
+        };
+        assert_eq!(
+            received(rx.recv().await),
+            r#"{"type":"response.output_item.added","sequence_number":0,"stream_id":"lane-1","output_index":3,"item":{"id":"fc_1","type":"function_call"}}"#
+        );
+        assert_eq!(received(rx.recv().await), r#"{"type":"response.queued","sequence_number":1,"stream_id":"lane-1"}"#);
     }
 
     #[tokio::test]

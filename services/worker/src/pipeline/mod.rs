@@ -19,7 +19,7 @@ use tracing::Instrument;
 use self::infer::Generation;
 use self::output::OutputBuilder;
 use self::prepare::Prepared;
-use crate::api::events::{Emitter, TurnSink};
+use crate::api::events::{Emitter, ResponseField, TurnSink};
 use crate::api::request::CreateRequest;
 use crate::api::response::{ResponseTemplate, now_unix, usage};
 use crate::config::ReplicationMode;
@@ -80,31 +80,56 @@ async fn prepare_turn(
     turn: &TurnRequest,
     step: PrepareStep,
 ) -> Result<Prepared, WorkerError> {
-    let large = turn.body.len() > INLINE_PREPARE_BYTES;
-    let request = if large {
-        let (body, model) = (turn.body.clone(), ctx.default_model.clone());
-        let span = tracing::info_span!("worker.parse", bytes = body.len());
-        tokio::task::spawn_blocking(move || span.in_scope(|| CreateRequest::parse(&body, &model)))
-            .await
-            .expect("parse does not panic")?
-    } else {
+    let parse = |ctx: &WorkerContext, turn: &TurnRequest| {
         tracing::info_span!("worker.parse", bytes = turn.body.len())
-            .in_scope(|| CreateRequest::parse(&turn.body, &ctx.default_model))?
+            .in_scope(|| CreateRequest::parse(&turn.body, &ctx.default_model))
     };
-    if let Some(previous) = &request.previous_response_id
-        && ctx.cache.get(&turn.tenant, previous).is_none()
-        && let Some(id) = tether_common::ResponseId::parse(previous)
-    {
-        replication::pull(ctx, &turn.tenant, previous, id.session_key().0).await;
+    // A parent that is neither here nor pulled from a peer (one extra round trip).
+    let to_pull = |ctx: &WorkerContext, turn: &TurnRequest, request: &CreateRequest| {
+        let previous = request.previous_response_id.as_ref()?;
+        let id = tether_common::ResponseId::parse(previous)?;
+        ctx.cache.get(&turn.tenant, previous).is_none().then(|| (previous.clone(), id.session_key().0))
+    };
+    if turn.body.len() <= INLINE_PREPARE_BYTES {
+        let request = parse(ctx, turn)?;
+        if let Some((previous, key)) = to_pull(ctx, turn, &request) {
+            replication::pull(ctx, &turn.tenant, &previous, key).await;
+        }
+        return step(ctx, turn, request);
     }
-    if large {
-        let (ctx, turn, span) = (ctx.clone(), turn.clone(), tracing::Span::current());
-        tokio::task::spawn_blocking(move || span.in_scope(|| step(&ctx, &turn, request)))
-            .await
-            .expect("prepare does not panic")
-    } else {
-        step(ctx, turn, request)
-    }
+    // A large body: parsed and prepared on the blocking pool, in one hand-off unless its
+    // parent must be pulled from a peer first.
+    let span = tracing::Span::current();
+    let first = {
+        let (ctx, turn, span) = (ctx.clone(), turn.clone(), span.clone());
+        tokio::task::spawn_blocking(move || {
+            span.in_scope(|| {
+                let request = parse(&ctx, &turn)?;
+                Ok::<_, WorkerError>(match to_pull(&ctx, &turn, &request) {
+                    None => LargeBody::Prepared(step(&ctx, &turn, request)?),
+                    Some(pull) => LargeBody::Pull(request, pull),
+                })
+            })
+        })
+        .await
+        .expect("prepare does not panic")?
+    };
+    let (request, (previous, key)) = match first {
+        LargeBody::Prepared(prepared) => return Ok(prepared),
+        LargeBody::Pull(request, pull) => (request, pull),
+    };
+    replication::pull(ctx, &turn.tenant, &previous, key).await;
+    let (ctx, turn) = (ctx.clone(), turn.clone());
+    tokio::task::spawn_blocking(move || span.in_scope(|| step(&ctx, &turn, request)))
+        .await
+        .expect("prepare does not panic")
+}
+
+/// A large body after its first hand-off to the blocking pool.
+enum LargeBody {
+    Prepared(Prepared),
+    /// Parsed; its parent (response id, session key) must be pulled from a peer first.
+    Pull(CreateRequest, (String, u64)),
 }
 
 enum Outcome {
@@ -137,8 +162,9 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
     let parent_id = prepared.parent.as_ref().map(|parent| parent.id.clone());
     let template = ResponseTemplate::new(id.as_str(), created_at, &prepared.request, parent_id.as_deref());
     let in_progress = template.snapshot("in_progress", |_| {});
-    if emitter.emit("response.created", json!({"response": in_progress})).await.is_err()
-        || emitter.emit("response.in_progress", json!({"response": in_progress})).await.is_err()
+    let fields = ResponseField { response: &in_progress };
+    if emitter.emit("response.created", &fields).await.is_err()
+        || emitter.emit("response.in_progress", &fields).await.is_err()
     {
         return Outcome::Closed;
     }

@@ -16,7 +16,7 @@ use tether_common::ids::derived_item_id;
 use tether_common::tokenizer::TOOL_CALL_OPEN;
 
 use super::tool_stream::{CallParser, Step};
-use crate::api::events::{Closed, Emitter};
+use crate::api::events::{Closed, Emitter, OutputItemField};
 use crate::api::items::{Item, Role};
 
 struct OpenMessage {
@@ -195,7 +195,9 @@ impl OutputBuilder {
         emitter.emit("response.content_part.done", common(json!({"part": part}))).await?;
         let item =
             json!({"type": "message", "id": message.id, "status": status, "role": "assistant", "content": [part]});
-        emitter.emit("response.output_item.done", json!({"output_index": message.output_index, "item": item})).await?;
+        emitter
+            .emit("response.output_item.done", OutputItemField { output_index: message.output_index, item: &item })
+            .await?;
         self.output.push(item);
         self.items.push(Item::Message { role: Role::Assistant, text: message.text });
         Ok(())
@@ -212,7 +214,9 @@ impl OutputBuilder {
             arguments: String::new(),
         };
         let item = call_item(&call, "in_progress", "");
-        emitter.emit("response.output_item.added", json!({"output_index": call.output_index, "item": item})).await?;
+        emitter
+            .emit("response.output_item.added", OutputItemField { output_index: call.output_index, item: &item })
+            .await?;
         self.open_call = Some(call);
         Ok(())
     }
@@ -234,7 +238,9 @@ impl OutputBuilder {
             )
             .await?;
         let done = call_item(&call, status, &call.arguments);
-        emitter.emit("response.output_item.done", json!({"output_index": call.output_index, "item": done})).await?;
+        emitter
+            .emit("response.output_item.done", OutputItemField { output_index: call.output_index, item: &done })
+            .await?;
         self.output.push(done);
         if keep {
             let OpenCall { id, call_id, name, arguments, .. } = call;
