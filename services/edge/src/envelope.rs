@@ -2,7 +2,6 @@
 //! and to reject bad input early. The rest of the body is validated by the worker.
 
 use serde::Deserialize;
-use serde::de::IgnoredAny;
 use serde_json::Value;
 use tether_common::ResponseId;
 use tether_proto::worker::v1::ApiError;
@@ -22,8 +21,8 @@ struct RawEnvelope {
     instructions: Option<Value>,
     #[serde(default)]
     input: FirstInput,
-    #[serde(flatten)]
-    _rest: std::collections::HashMap<String, IgnoredAny>,
+    // Every other field is skipped as it is read (serde's derive ignores unknown fields): no
+    // `#[serde(flatten)]` catch-all, which would first copy the whole body into a buffer.
 }
 
 /// What the edge knows about a request before it reaches a worker.

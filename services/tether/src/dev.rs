@@ -50,6 +50,12 @@ pub struct DevArgs {
     #[arg(long, env = "TETHER_WORKER_SHARD_PLACEMENT", value_enum, default_value_t = tether_worker::shard_pool::ShardPlacement::Affinity)]
     pub shard_placement: tether_worker::shard_pool::ShardPlacement,
 
+    /// When a completed stored response is copied to its ring successor: before its terminal
+    /// event (`sync`: a client that saw `completed` can continue after its worker dies),
+    /// after it (`async`), or never (`off`).
+    #[arg(long, env = "TETHER_WORKER_REPLICATION", value_enum, default_value_t = tether_worker::config::ReplicationMode::Sync)]
+    pub replication: tether_worker::config::ReplicationMode,
+
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
 
@@ -138,6 +144,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), CliEr
         config.in_memory_links = in_memory_links;
         config.shutdown_grace = args.shutdown_grace;
         config.shard_placement = args.shard_placement;
+        config.replication = args.replication;
         if let Some(llama) = args.engine.llama() {
             config.default_model = llama.model_name.clone();
             config.llama_models = vec![(llama.model_name, llama.model_path)];
