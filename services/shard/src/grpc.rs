@@ -94,7 +94,9 @@ impl Shard for ShardService {
         // The seed of a resumed generation is the prompt's without the output it resumes.
         let fresh = request.tokens.len() - resumed as usize;
 
-        // Resolve what the KV cache already holds for this session.
+        // Resolve what the KV cache already holds for this session. After a claim, the session
+        // goes on with every token after its prefix (`appended`), whatever the engine reuses.
+        let mut appended = Vec::new();
         let (cached, prompt_hash, prompt_len, new_tokens, full_prompt) = if request.full {
             let cached = self.cache.longest_prefix(session, request.cache_scope, &request.tokens);
             let hash = PrefixHash::of(&request.tokens[..fresh]);
@@ -115,7 +117,11 @@ impl Shard for ShardService {
                         seed.extend(&request.tokens[..fresh]);
                         seed
                     };
-                    (cached, prompt_hash, prompt_len, request.tokens, None)
+                    // Blocks past the claimed prefix that another session left here.
+                    let held = self.cache.extend_claim(session, request.cache_scope, cached, &request.tokens);
+                    let new_tokens = request.tokens[(held - cached) as usize..].to_vec();
+                    appended = request.tokens;
+                    (held, prompt_hash, prompt_len, new_tokens, None)
                 }
                 Lookup::Miss { held } => {
                     metrics::counter!(m::CACHE_MISSES).increment(1);
@@ -185,7 +191,6 @@ impl Shard for ShardService {
                     }
                 }
             });
-            let new_tokens = job.new_tokens.clone();
             let (uncached, cached) = (job.prompt_len - job.cached, job.cached);
             let started = SystemTime::now();
             let result = engine.run(job, piece_tx).await;
@@ -198,7 +203,7 @@ impl Shard for ShardService {
                             cache.replace(session, scope, prompt);
                         }
                         None => {
-                            cache.extend(session, scope, prefix_len, prefix_hash, &[&new_tokens, &outcome.completion])
+                            cache.extend(session, scope, prefix_len, prefix_hash, &[&appended, &outcome.completion])
                         }
                     }
                     metrics::counter!(m::GENERATE_TOTAL, "outcome" => "ok").increment(1);

@@ -20,6 +20,19 @@ struct Entry {
     hash: PrefixHash,
     /// Whose content this is in the shared index (`None`: imported, not indexed).
     scope: Option<u64>,
+    /// The index's names of the full blocks of `tokens` (under `scope`), so extending the
+    /// session or matching past its prefix hashes only the tokens after them.
+    chain: Vec<u64>,
+}
+
+impl Entry {
+    /// The chain's names of the first `tokens` tokens' full blocks, under `scope`.
+    fn known(&self, scope: u64, tokens: usize, block: usize) -> &[u64] {
+        match self.scope {
+            Some(own) if own == scope => &self.chain[..self.chain.len().min(tokens / block)],
+            _ => &[],
+        }
+    }
 }
 
 /// What a turn starts from.
@@ -114,12 +127,19 @@ impl KvCache {
     /// session's own prefix, or a longer one from the content index.
     /// Only blocks held for `scope` (the tenant's, see `GenerateRequest.cache_scope`) match.
     pub fn longest_prefix(&self, session: u64, scope: u64, prompt: &[u32]) -> u32 {
-        let own = self
-            .entries
-            .lock()
-            .get(&session)
-            .map_or(0, |entry| entry.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count() as u32);
-        let shared = self.shared.as_ref().map_or(0, |index| index.lock().longest_prefix(scope, prompt));
+        let (own, shared) = {
+            let mut entries = self.entries.lock();
+            let entry = entries.get(&session);
+            let own = entry.map_or(0, |entry| entry.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count());
+            let shared = self.shared.as_ref().map_or(0, |index| {
+                let mut index = index.lock();
+                let block = index.block_tokens() as usize;
+                // The blocks of the session's own matching prefix are named already.
+                let known = entry.map_or(&[][..], |entry| entry.known(scope, own, block));
+                index.longest_prefix_after(scope, known, &prompt[known.len() * block..])
+            });
+            (own as u32, shared)
+        };
         if shared > own {
             metrics::counter!(crate::metrics::SHARED_PREFIX_HITS).increment(1);
         }
@@ -130,6 +150,28 @@ impl KvCache {
             self.misses.fetch_add(1, Ordering::Relaxed);
         }
         matched
+    }
+
+    /// After a claim of `prefix_len` tokens hit: how many leading tokens of the whole prompt
+    /// (that prefix, then `new_tokens`) are held, counting blocks past the session's own that
+    /// the content index holds (another session left them). Only the tokens after the
+    /// session's named blocks are hashed. `prefix_len` when there is no index.
+    pub fn extend_claim(&self, session: u64, scope: u64, prefix_len: u32, new_tokens: &[u32]) -> u32 {
+        let Some(index) = &self.shared else { return prefix_len };
+        let entries = self.entries.lock();
+        let Some(entry) = entries.peek(&session).filter(|entry| entry.tokens.len() >= prefix_len as usize) else {
+            return prefix_len;
+        };
+        let mut index = index.lock();
+        let block = index.block_tokens() as usize;
+        let known = entry.known(scope, prefix_len as usize, block);
+        let mut rest = entry.tokens[known.len() * block..prefix_len as usize].to_vec();
+        rest.extend_from_slice(new_tokens);
+        let matched = index.longest_prefix_after(scope, known, &rest);
+        if matched > prefix_len {
+            metrics::counter!(crate::metrics::SHARED_PREFIX_HITS).increment(1);
+        }
+        matched.max(prefix_len)
     }
 
     /// Records that `session` now holds its `prefix_len` prefix followed by `appended`
@@ -150,8 +192,16 @@ impl KvCache {
                 entry.hash.extend(part);
                 self.held.fetch_add(part.len() as u64, Ordering::Relaxed);
             }
+            if entry.scope != Some(scope) {
+                entry.chain.clear();
+            }
             entry.scope = Some(scope);
-            self.index(scope, &entry.tokens);
+            if let Some(index) = &self.shared {
+                let evicted = index.lock().insert_after(scope, &mut entry.chain, &entry.tokens);
+                if evicted > 0 {
+                    metrics::counter!(crate::metrics::SHARED_BLOCK_EVICTIONS).increment(evicted as u64);
+                }
+            }
             drop(entries);
             self.evict_over_budget();
         } else if let Some(entry) = entries.pop(&session) {
@@ -161,12 +211,18 @@ impl KvCache {
 
     /// Replaces what `session` holds with `tokens` (after a full prefill), indexed for `scope`.
     pub fn replace(&self, session: u64, scope: u64, tokens: Vec<u32>) {
-        self.index(scope, &tokens);
-        self.hold(session, Some(scope), tokens);
+        let mut chain = Vec::new();
+        if let Some(index) = &self.shared {
+            let evicted = index.lock().insert_after(scope, &mut chain, &tokens);
+            if evicted > 0 {
+                metrics::counter!(crate::metrics::SHARED_BLOCK_EVICTIONS).increment(evicted as u64);
+            }
+        }
+        self.hold(session, Some(scope), tokens, chain);
     }
 
-    fn hold(&self, session: u64, scope: Option<u64>, tokens: Vec<u32>) {
-        let entry = Entry { hash: PrefixHash::of(&tokens), tokens, scope };
+    fn hold(&self, session: u64, scope: Option<u64>, tokens: Vec<u32>, chain: Vec<u64>) {
+        let entry = Entry { hash: PrefixHash::of(&tokens), tokens, scope, chain };
         let added = entry.tokens.len() as u64;
         {
             let mut entries = self.entries.lock();
@@ -192,7 +248,7 @@ impl KvCache {
     /// held here, as the most recently used session, within the token budget.
     /// Imported tokens are not indexed for sharing: whose they are is not known here.
     pub fn import(&self, session: u64, tokens: Vec<u32>) {
-        self.hold(session, None, tokens);
+        self.hold(session, None, tokens, Vec::new());
     }
 
     pub fn drop_session(&self, session: u64) -> bool {
@@ -210,16 +266,6 @@ impl KvCache {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
             shared_tokens: self.shared.as_ref().map_or(0, |index| index.lock().tokens()),
-        }
-    }
-
-    /// Adds `tokens` to the content index under `scope`, when there is one.
-    fn index(&self, scope: u64, tokens: &[u32]) {
-        if let Some(index) = &self.shared {
-            let evicted = index.lock().insert(scope, tokens);
-            if evicted > 0 {
-                metrics::counter!(crate::metrics::SHARED_BLOCK_EVICTIONS).increment(evicted as u64);
-            }
         }
     }
 
@@ -325,6 +371,28 @@ mod tests {
         assert_eq!(plain.longest_prefix(2, 0, &first), 0);
         assert_eq!(plain.longest_prefix(1, 0, &first), 10);
         assert_eq!(plain.stats().shared_tokens, 0);
+    }
+
+    #[test]
+    fn a_claim_goes_on_into_blocks_another_session_left() {
+        let cache = KvCache::new(1_000).with_shared_prefixes(4);
+        let long: Vec<u32> = (0..30).collect();
+        cache.replace(1, 0, long.clone());
+        // Session 2 holds the first 10 tokens and claims them; the next ones are session 1's.
+        cache.replace(2, 0, long[..10].to_vec());
+        let claim = PrefixHash::of(&long[..10]).value();
+        assert!(matches!(cache.lookup_prefix(2, 10, claim, &long[10..26]), Lookup::Hit { cached: 10, .. }));
+        assert_eq!(cache.extend_claim(2, 0, 10, &long[10..26]), 24, "up to the last full block held");
+        assert_eq!(cache.extend_claim(2, 0, 10, &[99; 16]), 10, "nothing past the claim");
+        assert_eq!(cache.extend_claim(2, 7, 10, &long[10..26]), 10, "another tenant's scope");
+        // Extending the session indexes only what follows its named blocks, as a whole insert would.
+        cache.extend(2, 0, 10, claim, &[&long[10..26], &[5, 5]]);
+        assert_eq!(cache.longest_prefix(3, 0, &long[..26]), 24);
+        assert_eq!(cache.stats().shared_tokens, 28 + 4, "session 2's last block [24, 25, 5, 5] is its own");
+        // Without the index, a claim is what it names.
+        let plain = KvCache::new(1_000);
+        plain.replace(2, 0, long[..10].to_vec());
+        assert_eq!(plain.extend_claim(2, 0, 10, &long[10..26]), 10);
     }
 
     #[test]

@@ -59,9 +59,16 @@ impl PrefixIndex {
     /// and marks their blocks used.
     /// Only blocks inserted under the same `scope` (the chain's root) match.
     pub fn longest_prefix(&mut self, scope: u64, prompt: &[u32]) -> u32 {
+        self.longest_prefix_after(scope, &[], prompt)
+    }
+
+    /// [`Self::longest_prefix`] of a prompt whose first `known.len()` blocks are named by
+    /// `known` (a held chain, as [`Self::insert_after`] left it): only `rest`, the tokens after
+    /// them, is hashed and compared. Returns the tokens matched, `known`'s included.
+    pub fn longest_prefix_after(&mut self, scope: u64, known: &[u64], rest: &[u32]) -> u32 {
+        let mut parent = known.last().copied().unwrap_or(scope);
         let mut chain = Vec::new();
-        let mut parent = scope;
-        for block in prompt.chunks_exact(self.block_tokens) {
+        for block in rest.chunks_exact(self.block_tokens) {
             let key = chain_hash(parent, block);
             if !self.blocks.peek(&key).is_some_and(|held| held.is(parent, block)) {
                 break;
@@ -69,17 +76,34 @@ impl PrefixIndex {
             chain.push(key);
             parent = key;
         }
-        self.touch(&chain);
-        (chain.len() * self.block_tokens) as u32
+        // Marked used only when something past `known` matched: a known chain is its holder's,
+        // touched by the insert that extends it.
+        if !chain.is_empty() {
+            self.touch(&chain);
+            self.touch(known);
+        }
+        ((known.len() + chain.len()) * self.block_tokens) as u32
     }
 
     /// Records that `tokens` are held: every full block of them, chained from the start (a
     /// trailing partial block is not). Evicts the least recently used blocks beyond the
     /// budget and returns how many.
     pub fn insert(&mut self, scope: u64, tokens: &[u32]) -> usize {
-        let mut chain = Vec::with_capacity(tokens.len() / self.block_tokens);
-        let mut parent = scope;
-        for block in tokens.chunks_exact(self.block_tokens) {
+        self.insert_after(scope, &mut Vec::new(), tokens)
+    }
+
+    /// [`Self::insert`], going on from `chain`: the names of the first blocks of `tokens`, as
+    /// an earlier insert of a prefix of them left it. Only the blocks after it are hashed;
+    /// `chain` ends naming every block held. A chain whose last block was evicted (and so,
+    /// tail first, maybe more) is walked again from the start.
+    pub fn insert_after(&mut self, scope: u64, chain: &mut Vec<u64>, tokens: &[u32]) -> usize {
+        if chain.last().is_some_and(|last| !self.blocks.contains(last))
+            || chain.len() * self.block_tokens > tokens.len()
+        {
+            chain.clear();
+        }
+        let mut parent = chain.last().copied().unwrap_or(scope);
+        for block in tokens[chain.len() * self.block_tokens..].chunks_exact(self.block_tokens) {
             let key = chain_hash(parent, block);
             match self.blocks.peek(&key) {
                 Some(held) if held.is(parent, block) => {}
@@ -92,7 +116,7 @@ impl PrefixIndex {
             chain.push(key);
             parent = key;
         }
-        self.touch(&chain);
+        self.touch(chain);
         let mut evicted = 0;
         while self.blocks.len() > self.capacity && self.blocks.pop_lru().is_some() {
             evicted += 1;
@@ -123,6 +147,35 @@ mod tests {
 
     fn tokens(range: std::ops::Range<u32>) -> Vec<u32> {
         range.collect()
+    }
+
+    #[test]
+    fn going_on_from_a_held_chain_equals_walking_from_the_start() {
+        let mut index = PrefixIndex::new(4, 1_000);
+        let mut chain = Vec::new();
+        assert_eq!(index.insert_after(7, &mut chain, &tokens(0..10)), 0);
+        assert_eq!(chain.len(), 2);
+        index.insert_after(7, &mut chain, &tokens(0..26));
+        assert_eq!(chain.len(), 6);
+        let mut fresh = PrefixIndex::new(4, 1_000);
+        let mut again = Vec::new();
+        fresh.insert_after(7, &mut again, &tokens(0..26));
+        assert_eq!(chain, again, "the same names as one insert of the whole");
+        assert_eq!(index.tokens(), 24);
+        // Another prompt with the same head: matched after the known chain, hashing the rest.
+        let mut other = PrefixIndex::new(4, 1_000);
+        other.insert(7, &tokens(0..40));
+        assert_eq!(other.longest_prefix_after(7, &chain[..3], &tokens(12..40)), 40);
+        assert_eq!(other.longest_prefix_after(7, &chain[..3], &tokens(12..30)), 28);
+        assert_eq!(other.longest_prefix_after(8, &[], &tokens(0..40)), 0);
+        // A chain whose tail was evicted is walked again from the start.
+        let mut small = PrefixIndex::new(4, 8);
+        let mut kept = Vec::new();
+        small.insert_after(7, &mut kept, &tokens(0..8));
+        small.insert(7, &tokens(100..108));
+        assert_eq!(small.longest_prefix(7, &tokens(0..8)), 0, "evicted by the other chain");
+        small.insert_after(7, &mut kept, &tokens(0..12));
+        assert_eq!(small.longest_prefix(7, &tokens(0..12)), 8, "the head is back; the budget holds two blocks");
     }
 
     #[test]
