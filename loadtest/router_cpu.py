@@ -122,7 +122,7 @@ def main() -> None:
         "--output-tokens",
         type=int,
         default=50,
-        help="output tokens per turn (one event each at the sim's rate): the cost per event is the slope",
+        help="tokens of each workflow's final answer (the tool turns' calls are the sim's own length)",
     )
     parser.add_argument("--modes", default=MODES)
     args = parser.parse_args()

@@ -196,12 +196,7 @@ impl KvCache {
                 entry.chain.clear();
             }
             entry.scope = Some(scope);
-            if let Some(index) = &self.shared {
-                let evicted = index.lock().insert_after(scope, &mut entry.chain, &entry.tokens);
-                if evicted > 0 {
-                    metrics::counter!(crate::metrics::SHARED_BLOCK_EVICTIONS).increment(evicted as u64);
-                }
-            }
+            self.index(scope, &mut entry.chain, &entry.tokens);
             drop(entries);
             self.evict_over_budget();
         } else if let Some(entry) = entries.pop(&session) {
@@ -212,13 +207,19 @@ impl KvCache {
     /// Replaces what `session` holds with `tokens` (after a full prefill), indexed for `scope`.
     pub fn replace(&self, session: u64, scope: u64, tokens: Vec<u32>) {
         let mut chain = Vec::new();
+        self.index(scope, &mut chain, &tokens);
+        self.hold(session, Some(scope), tokens, chain);
+    }
+
+    /// Adds `tokens` to the content index under `scope`, when there is one, going on from
+    /// `chain` (the names of their first blocks, see [`PrefixIndex::insert_after`]).
+    fn index(&self, scope: u64, chain: &mut Vec<u64>, tokens: &[u32]) {
         if let Some(index) = &self.shared {
-            let evicted = index.lock().insert_after(scope, &mut chain, &tokens);
+            let evicted = index.lock().insert_after(scope, chain, tokens);
             if evicted > 0 {
                 metrics::counter!(crate::metrics::SHARED_BLOCK_EVICTIONS).increment(evicted as u64);
             }
         }
-        self.hold(session, Some(scope), tokens, chain);
     }
 
     fn hold(&self, session: u64, scope: Option<u64>, tokens: Vec<u32>, chain: Vec<u64>) {

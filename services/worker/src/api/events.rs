@@ -186,20 +186,14 @@ impl Emitter {
             DeltaKind::Text => ("response.output_text.delta", Some(0), Some([])),
             DeltaKind::Arguments => ("response.function_call_arguments.delta", None, None),
         };
-        // Deltas are most of a response's events: written from a borrowed struct, not built
-        // as a map of owned keys and values first.
-        let event = DeltaEvent {
-            event_type,
-            sequence_number: self.sequence,
-            stream_id: self.stream_id.as_deref(),
+        let fields = DeltaFields {
             item_id: &pending.item_id,
             output_index: pending.output_index,
             content_index,
             delta: &pending.text,
             logprobs,
         };
-        let json = serde_json::to_vec(&event).expect("events serialize");
-        self.sequence += 1;
+        let json = self.serialize(event_type, &fields);
         let event = self.event(event_type, json, false, delta_bytes);
         self.send(turn_event::Kind::Event(event)).await
     }
@@ -220,14 +214,9 @@ pub struct OutputItemField<'a> {
     pub item: &'a Value,
 }
 
-/// A text or arguments delta event, as the protocol writes it.
+/// The fields of a text or arguments delta event, as the protocol writes them.
 #[derive(Serialize)]
-struct DeltaEvent<'a> {
-    #[serde(rename = "type")]
-    event_type: &'a str,
-    sequence_number: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream_id: Option<&'a str>,
+struct DeltaFields<'a> {
     item_id: &'a str,
     output_index: u32,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -22,6 +22,7 @@ use crate::context::WorkerContext;
 use crate::error::WorkerError;
 use crate::metrics as m;
 use crate::pipeline::output::OutputBuilder;
+use crate::session::held::Claim;
 
 /// How the generation ended.
 pub enum Generation {
@@ -39,9 +40,17 @@ pub enum Generation {
     },
 }
 
-pub fn generate_request(prepared: &Prepared, prefill_only: bool) -> GenerateRequest {
+/// The shard request of a turn. A stateless turn's `claim` (what the shard holds of its
+/// session, [`crate::session::held`]) stands for the prompt's first tokens, which are not sent.
+pub fn generate_request(prepared: &Prepared, prefill_only: bool, claim: Option<Claim>) -> GenerateRequest {
     let request = &prepared.request;
-    let (prefix_len, prefix_hash) = prepared.claimed_prefix();
+    let (prefix_len, prefix_hash, tokens, full) = match claim {
+        Some(claim) => (claim.len, claim.hash, prepared.new_tokens[claim.len as usize..].to_vec(), false),
+        None => {
+            let (prefix_len, prefix_hash) = prepared.claimed_prefix();
+            (prefix_len, prefix_hash, prepared.new_tokens.clone(), prepared.full)
+        }
+    };
     let tools = (!request.tools.is_empty()).then(|| {
         let (choice, function) = match &request.tool_choice {
             RequestToolChoice::Auto => (ToolChoice::Auto, String::new()),
@@ -68,8 +77,8 @@ pub fn generate_request(prepared: &Prepared, prefill_only: bool) -> GenerateRequ
         model: request.model.clone(),
         prefix_len,
         prefix_hash: prefix_hash.value(),
-        tokens: prepared.new_tokens.clone(),
-        full: prepared.full,
+        tokens,
+        full,
         sampling: Some(Sampling {
             temperature: request.temperature.map(|t| t as f32),
             top_p: request.top_p.map(|p| p as f32),
@@ -125,19 +134,15 @@ pub async fn generate(
     if builder.push(emitter, done_text).await == Err(Closed) {
         return Ok(Generation::Closed);
     }
-    let mut request = generate_request(prepared, prefill_only);
     // A stateless turn resends its history: claim what the shard holds of it.
     let claim = match prepared.parent {
         None => ctx.held.claim(prepared.cache_scope, prepared.session.0, &prepared.new_tokens),
         Some(_) => None,
     };
     if let Some(claim) = claim {
-        request.full = false;
-        request.prefix_len = claim.len;
-        request.prefix_hash = claim.hash.value();
-        request.tokens.drain(..claim.len as usize);
         metrics::counter!(m::STATELESS_CLAIMED_TOKENS).increment(u64::from(claim.len));
     }
+    let mut request = generate_request(prepared, prefill_only, claim);
     let budget = request.sampling.as_ref().map_or(0, |sampling| sampling.max_output_tokens);
     // The output so far (continued after), and whether the shard needs the whole prompt.
     let mut so_far = done.to_vec();

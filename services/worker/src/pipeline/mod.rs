@@ -84,7 +84,7 @@ async fn prepare_turn(
         tracing::info_span!("worker.parse", bytes = turn.body.len())
             .in_scope(|| CreateRequest::parse(&turn.body, &ctx.default_model))
     };
-    // A parent that is neither here nor pulled from a peer (one extra round trip).
+    // A parent that is not here: pulled from a peer first (one extra round trip).
     let to_pull = |ctx: &WorkerContext, turn: &TurnRequest, request: &CreateRequest| {
         let previous = request.previous_response_id.as_ref()?;
         let id = tether_common::ResponseId::parse(previous)?;
