@@ -212,3 +212,64 @@ async fn an_image_part_is_refused_as_unsupported_with_its_param() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["param"], "input[0].output[0]", "{body}");
 }
+
+/// Sends one HTTP/1.1 request on `stream` and reads its response: (status, headers, body).
+/// The head announces `body`; only its first `sent` bytes are sent.
+async fn exchange(stream: &mut tokio::net::TcpStream, head: &str, body: &[u8], sent: usize) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(format!("{head}content-length: {}\r\n\r\n", body.len()).as_bytes()).await.unwrap();
+    stream.write_all(&body[..sent]).await.unwrap();
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the connection closed before a response head");
+        received.extend_from_slice(&chunk[..n]);
+    };
+    let headers = String::from_utf8(received[..end].to_vec()).unwrap().to_ascii_lowercase();
+    let status = headers[9..12].parse().unwrap();
+    let length: usize = headers
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .unwrap_or_else(|| panic!("a content-length: {headers}"))
+        .parse()
+        .unwrap();
+    let mut rest = received[end + 4..].to_vec();
+    while rest.len() < length {
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the connection closed inside a response body");
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    (status, headers, rest)
+}
+
+/// A client that pools connections (a router in front of tether probing `/v1/responses/render`
+/// on every request) keeps its connection after an answer to a path tether does not serve,
+/// and is told to drop it (`Connection: close`) when an answer leaves the body unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_skip_a_body_keep_or_honestly_close_the_connection() {
+    let cluster =
+        Cluster::builder().workers(1).shards(1).edge_config(|c| c.max_message_bytes = 16 * 1024).start().await;
+    let addr = cluster.url().trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = serde_json::to_vec(&json!({"model": "tether-sim", "input": "x".repeat(48 * 1024)})).unwrap();
+    let post = |path: &str| format!("POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n");
+
+    for path in ["/v1/responses/render", "/v1/nope", "/v1/responses/compact"] {
+        let (status, headers, _) = exchange(&mut stream, &post(path), &body, body.len()).await;
+        assert!([404, 405, 501].contains(&status), "{path}: {status}");
+        assert!(!headers.contains("connection: close"), "{path}: {headers}");
+    }
+    let (status, _, reply) =
+        exchange(&mut stream, &format!("GET /v1/models HTTP/1.1\r\nhost: {addr}\r\n"), b"", 0).await;
+    assert_eq!(status, 200, "the same connection still serves: {}", String::from_utf8_lossy(&reply));
+
+    // Over the body limit with the rest of the body still to come: refused before it is read,
+    // and the response says the connection closes.
+    let (status, headers, _) = exchange(&mut stream, &post("/v1/responses"), &body, 20 * 1024).await;
+    assert_eq!(status, 413);
+    assert!(headers.contains("connection: close"), "{headers}");
+}

@@ -31,4 +31,5 @@ pub fn router(state: EdgeState) -> Router {
         .merge(ops::router(readiness))
         .fallback(http::unsupported::not_found)
         .method_not_allowed_fallback(http::unsupported::method_not_allowed)
+        .layer(axum::middleware::from_fn(http::unread_body::mark_unread))
 }

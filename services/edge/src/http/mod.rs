@@ -6,4 +6,5 @@ pub mod input_tokens;
 pub mod models;
 pub mod replay;
 pub mod responses;
+pub mod unread_body;
 pub mod unsupported;
