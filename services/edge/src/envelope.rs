@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tether_common::ResponseId;
 use tether_proto::worker::v1::ApiError;
 
@@ -10,7 +11,7 @@ use crate::error::{invalid, previous_not_found};
 use crate::leading::{FirstInput, LeadingHash};
 
 #[derive(Debug, Default, Deserialize)]
-struct RawEnvelope {
+struct RawEnvelope<'a> {
     #[serde(rename = "type")]
     kind: Option<Value>,
     stream: Option<Value>,
@@ -18,9 +19,11 @@ struct RawEnvelope {
     previous_response_id: Option<Value>,
     prompt_cache_key: Option<Value>,
     store: Option<Value>,
-    instructions: Option<Value>,
-    #[serde(default)]
-    input: FirstInput,
+    /// Kept as sent, read only for a request placed by its content.
+    #[serde(borrow)]
+    instructions: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: FirstInput<'a>,
     // Every other field is skipped as it is read (serde's derive ignores unknown fields): no
     // `#[serde(flatten)]` catch-all, which would first copy the whole body into a buffer.
 }
@@ -51,7 +54,7 @@ impl Envelope {
     #[allow(clippy::result_large_err, reason = "a rejection is answered at once, never propagated further")]
     pub fn parse(bytes: &[u8]) -> Result<Self, Rejection> {
         let reject = |error: ApiError, stream_id: Option<String>| Rejection { error, stream_id };
-        let raw: RawEnvelope = match serde_json::from_slice(bytes) {
+        let raw: RawEnvelope<'_> = match serde_json::from_slice(bytes) {
             Ok(raw) => raw,
             Err(error) if error.is_data() => {
                 return Err(reject(invalid("invalid_json", "The message must be a JSON object.", ""), None));
@@ -116,7 +119,7 @@ impl Envelope {
         // it by content would put every conversation that opens alike (the same greeting from
         // thousands of clients) on one worker.
         let leading = match raw.store {
-            Some(Value::Bool(false)) => LeadingHash::of(raw.instructions.as_ref(), &raw.input),
+            Some(Value::Bool(false)) => LeadingHash::of(raw.instructions, &raw.input),
             _ => None,
         };
         Ok(Envelope { kind, stream, stream_id, previous, prompt_cache_key, leading })

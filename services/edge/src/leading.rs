@@ -7,10 +7,12 @@
 //! is reduced to its role and its text, so the shapes a client may send the same message in (a
 //! string `input`, `content` as a string or as text parts) hash alike.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tether_common::tokens::Fnv64;
 
 /// The hash of a request's leading content.
@@ -20,16 +22,17 @@ pub struct LeadingHash(pub u64);
 impl LeadingHash {
     /// Returns the hash of `instructions` and the first input item; `None` when the body has
     /// neither (nothing to place by).
-    pub(crate) fn of(instructions: Option<&Value>, first: &FirstInput) -> Option<Self> {
-        let instructions = match instructions {
-            None | Some(Value::Null) => None,
-            Some(value) => Some(value),
+    pub(crate) fn of(instructions: Option<&RawValue>, first: &FirstInput<'_>) -> Option<Self> {
+        // Read into values only here: a stored request never needs them.
+        let instructions = match instructions.map(|raw| serde_json::from_str::<Value>(raw.get())) {
+            None | Some(Ok(Value::Null)) | Some(Err(_)) => None,
+            Some(Ok(value)) => Some(value),
         };
         if instructions.is_none() && matches!(first, FirstInput::Nothing) {
             return None;
         }
         let mut hash = Fnv64::new();
-        match instructions {
+        match &instructions {
             Some(Value::String(text)) => write_field(&mut hash, text),
             Some(other) => write_field(&mut hash, &other.to_string()),
             None => write_field(&mut hash, ""),
@@ -39,11 +42,14 @@ impl LeadingHash {
                 write_field(&mut hash, "user");
                 write_field(&mut hash, text);
             }
-            FirstInput::Item(Value::Object(item)) if item.get("role").is_some_and(Value::is_string) => {
-                let role = item.get("role").and_then(Value::as_str).unwrap_or_default();
-                write_message(&mut hash, role, item.get("content"));
-            }
-            FirstInput::Item(other) => write_field(&mut hash, &other.to_string()),
+            FirstInput::Item(raw) => match serde_json::from_str::<Value>(raw.get()) {
+                Ok(Value::Object(item)) if item.get("role").is_some_and(Value::is_string) => {
+                    let role = item.get("role").and_then(Value::as_str).unwrap_or_default();
+                    write_message(&mut hash, role, item.get("content"));
+                }
+                Ok(other) => write_field(&mut hash, &other.to_string()),
+                Err(_) => write_field(&mut hash, raw.get()),
+            },
             FirstInput::Nothing => write_field(&mut hash, ""),
         }
         Some(LeadingHash(hash.finish()))
@@ -74,68 +80,73 @@ fn write_message(hash: &mut Fnv64, role: &str, content: Option<&Value>) {
 }
 
 /// The first item of `input`, as the envelope reads it: any JSON is accepted here (the worker
-/// validates the body), and only the first element of an array is built.
-#[derive(Debug, Default, PartialEq)]
-pub(crate) enum FirstInput {
+/// validates the body), and nothing is built: the first element of an array is kept as the
+/// bytes it was sent as, read only if the request is placed by it.
+#[derive(Debug, Default)]
+pub(crate) enum FirstInput<'a> {
     /// A string `input`: one user message.
-    Text(String),
-    Item(Value),
+    Text(Cow<'a, str>),
+    Item(&'a RawValue),
     /// No input, an empty array, or a value that is no input at all (the worker rejects it).
     #[default]
     Nothing,
 }
 
-impl<'de> Deserialize<'de> for FirstInput {
+impl<'de: 'a, 'a> Deserialize<'de> for FirstInput<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(FirstInputVisitor)
+        deserializer.deserialize_any(FirstInputVisitor(std::marker::PhantomData))
     }
 }
 
-struct FirstInputVisitor;
+struct FirstInputVisitor<'a>(std::marker::PhantomData<&'a ()>);
 
-impl<'de> Visitor<'de> for FirstInputVisitor {
-    type Value = FirstInput;
+impl<'de: 'a, 'a> Visitor<'de> for FirstInputVisitor<'a> {
+    type Value = FirstInput<'a>;
 
     fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str("any JSON value")
     }
 
-    fn visit_str<E: de::Error>(self, text: &str) -> Result<FirstInput, E> {
-        Ok(FirstInput::Text(text.to_owned()))
+    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<FirstInput<'a>, E> {
+        Ok(FirstInput::Text(Cow::Borrowed(text)))
     }
 
-    fn visit_string<E: de::Error>(self, text: String) -> Result<FirstInput, E> {
-        Ok(FirstInput::Text(text))
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<FirstInput<'a>, E> {
+        Ok(FirstInput::Text(Cow::Owned(text.to_owned())))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<FirstInput, A::Error> {
-        let first = seq.next_element::<Value>()?;
+    fn visit_string<E: de::Error>(self, text: String) -> Result<FirstInput<'a>, E> {
+        Ok(FirstInput::Text(Cow::Owned(text)))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<FirstInput<'a>, A::Error> {
+        let first = seq.next_element::<&'a RawValue>()?;
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(first.map_or(FirstInput::Nothing, FirstInput::Item))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FirstInput, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FirstInput<'a>, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
         Ok(FirstInput::Nothing)
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<FirstInput, E> {
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<FirstInput<'a>, E> {
         Ok(FirstInput::Nothing)
     }
 
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<FirstInput, E> {
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<FirstInput<'a>, E> {
         Ok(FirstInput::Nothing)
     }
 
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<FirstInput, E> {
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<FirstInput<'a>, E> {
         Ok(FirstInput::Nothing)
     }
 
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<FirstInput, E> {
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<FirstInput<'a>, E> {
         Ok(FirstInput::Nothing)
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<FirstInput, E> {
+    fn visit_unit<E: de::Error>(self) -> Result<FirstInput<'a>, E> {
         Ok(FirstInput::Nothing)
     }
 }
@@ -148,13 +159,15 @@ mod tests {
 
     fn leading(body: Value) -> Option<LeadingHash> {
         #[derive(serde::Deserialize)]
-        struct Body {
-            instructions: Option<Value>,
-            #[serde(default)]
-            input: FirstInput,
+        struct Body<'a> {
+            #[serde(borrow)]
+            instructions: Option<&'a serde_json::value::RawValue>,
+            #[serde(borrow, default)]
+            input: FirstInput<'a>,
         }
-        let body: Body = serde_json::from_value(body).expect("body");
-        LeadingHash::of(body.instructions.as_ref(), &body.input)
+        let text = body.to_string();
+        let body: Body<'_> = serde_json::from_str(&text).expect("body");
+        LeadingHash::of(body.instructions, &body.input)
     }
 
     #[test]

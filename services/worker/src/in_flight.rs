@@ -72,8 +72,8 @@ impl Registration {
     }
 
     /// Publishes the Response object the turn ends with, for a cancel waiting on it.
-    pub fn finish(&self, response: &Value) {
-        self.done.send_replace(Some(Arc::new(response.clone())));
+    pub fn finish(&self, response: Arc<Value>) {
+        self.done.send_replace(Some(response));
     }
 }
 
@@ -98,7 +98,7 @@ mod tests {
         let token = registration.cancelled().clone();
         let turn = tokio::spawn(async move {
             token.cancelled().await;
-            registration.finish(&json!({"id": "resp_1", "status": "cancelled"}));
+            registration.finish(Arc::new(json!({"id": "resp_1", "status": "cancelled"})));
         });
         let end = registry.cancel("acme", "resp_1").await.expect("in flight").expect("an end");
         assert_eq!(end["status"], "cancelled");

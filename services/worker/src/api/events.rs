@@ -6,7 +6,7 @@
 //! and later text of the same item joins it.
 
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 use tether_proto::worker::v1::{Event, FinalResponse, TurnEvent, turn_event};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -140,13 +140,13 @@ impl Emitter {
     }
 
     /// Sends the terminal event; in final-only mode, the Response object with `status`.
-    pub async fn terminal(&mut self, event_type: &str, response: Value, http_status: u32) -> Result<(), Closed> {
+    pub async fn terminal(&mut self, event_type: &str, response: &RawValue, http_status: u32) -> Result<(), Closed> {
         self.flush().await?;
         if self.final_only {
-            let json = serde_json::to_vec(&response).expect("responses serialize");
+            let json = response.get().as_bytes().to_vec();
             return self.send(turn_event::Kind::Final(FinalResponse { status: http_status, json })).await;
         }
-        let json = self.serialize(event_type, &ResponseField { response: &response });
+        let json = self.serialize(event_type, &ResponseField { response });
         let event = self.event(event_type, json, true, 0);
         self.send(turn_event::Kind::Event(event)).await
     }
@@ -200,10 +200,10 @@ impl Emitter {
 }
 
 /// The fields of an event that carries the Response object (`response.created`, the terminal
-/// events), borrowed.
+/// events): the object serialized once, spliced into each event that carries it.
 #[derive(Serialize)]
 pub struct ResponseField<'a> {
-    pub response: &'a Value,
+    pub response: &'a RawValue,
 }
 
 /// The fields of an event about one output item (`response.output_item.added` / `.done`),
@@ -211,7 +211,7 @@ pub struct ResponseField<'a> {
 #[derive(Serialize)]
 pub struct OutputItemField<'a> {
     pub output_index: u32,
-    pub item: &'a Value,
+    pub item: &'a serde_json::Value,
 }
 
 /// The fields of a text or arguments delta event, as the protocol writes them.

@@ -9,6 +9,7 @@ pub mod tool_stream;
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tether_common::ResponseId;
 use tether_common::tokens::PrefixHash;
@@ -161,7 +162,8 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
     let registration = ctx.in_flight.register(&turn.tenant, id.as_str());
     let parent_id = prepared.parent.as_ref().map(|parent| parent.id.clone());
     let template = ResponseTemplate::new(id.as_str(), created_at, &prepared.request, parent_id.as_deref());
-    let in_progress = template.snapshot("in_progress", |_| {});
+    // Serialized once for both events.
+    let in_progress = to_raw(&template.snapshot("in_progress", |_| {}));
     let fields = ResponseField { response: &in_progress };
     if emitter.emit("response.created", &fields).await.is_err()
         || emitter.emit("response.in_progress", &fields).await.is_err()
@@ -225,7 +227,7 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
         if !cancelled {
             object.insert("completed_at".into(), json!(now_unix()));
         }
-        object.insert("output".into(), Value::Array(builder.output.clone()));
+        object.insert("output".into(), Value::Array(std::mem::take(&mut builder.output)));
         object.insert("usage".into(), usage(prompt_tokens, cached_tokens, completion.len() as u32));
         if incomplete {
             object.insert("incomplete_details".into(), json!({"reason": "max_output_tokens"}));
@@ -240,6 +242,9 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
             }),
         );
     });
+    // Serialized once: the terminal event and the stored copy are the same bytes.
+    let json = to_raw(&response);
+    let response = Arc::new(response);
 
     if tether_common::pause::paused_since(started) {
         // This process was stopped during the turn: its edge has continued the response on
@@ -250,7 +255,7 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
     }
     // 7. Commit (and replicate, in sync mode) before the terminal event: a client that saw
     // `completed` can continue, even after this worker crashes.
-    if let Some(state) = commit(ctx, turn, &prepared, &id, builder, completion, &response) {
+    if let Some(state) = commit(ctx, turn, &prepared, &id, builder, completion, &json) {
         match ctx.replication {
             ReplicationMode::Sync => replication::replicate(ctx, &state).await,
             ReplicationMode::Async => {
@@ -260,12 +265,12 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
             ReplicationMode::Off => {}
         }
     }
-    registration.finish(&response);
+    registration.finish(response);
     // A cancelled response ends with `response.incomplete` (the SDK's stream helpers and
     // `connect()` accumulator know three terminal events; none is named for cancelling), its
     // `response.status` saying "cancelled".
     let terminal = if status == "completed" { "response.completed" } else { "response.incomplete" };
-    if emitter.terminal(terminal, response, 200).await.is_err() {
+    if emitter.terminal(terminal, &json, 200).await.is_err() {
         return Outcome::Closed;
     }
     match status {
@@ -293,13 +298,19 @@ async fn fail(
     }
     let api = error.api_error();
     let response = template.snapshot("failed", |object| {
-        object.insert("output".into(), Value::Array(builder.output.clone()));
+        object.insert("output".into(), Value::Array(std::mem::take(&mut builder.output)));
         object.insert("error".into(), json!({"code": "server_error", "message": api.message}));
     });
     let status = if api.status >= 500 { api.status } else { 500 };
-    registration.finish(&response);
-    let _ = emitter.terminal("response.failed", response, status).await;
+    let json = to_raw(&response);
+    registration.finish(Arc::new(response));
+    let _ = emitter.terminal("response.failed", &json, status).await;
     Outcome::Failed
+}
+
+/// A Response object serialized (compact, as every event and stored copy writes it).
+fn to_raw(response: &Value) -> Box<RawValue> {
+    serde_json::value::to_raw_value(response).expect("responses serialize")
 }
 
 fn commit(
@@ -309,7 +320,7 @@ fn commit(
     id: &ResponseId,
     builder: OutputBuilder,
     completion: Vec<u32>,
-    response: &Value,
+    response: &RawValue,
 ) -> Option<Arc<ResponseState>> {
     let request = &prepared.request;
     if !request.store && turn.connection == 0 {
@@ -334,7 +345,7 @@ fn commit(
     new_items.extend(builder.items);
     let own_items = new_items.len() as u32;
     let response_json: Arc<[u8]> =
-        if request.store { serde_json::to_vec(response).expect("serializes").into() } else { Arc::from(&[][..]) };
+        if request.store { Arc::from(response.get().as_bytes()) } else { Arc::from(&[][..]) };
     let state = ResponseState {
         id: id.as_str().to_owned(),
         parent: prepared.parent.as_ref().map(|parent| parent.id.clone()),
