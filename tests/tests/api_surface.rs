@@ -251,8 +251,15 @@ async fn exchange(stream: &mut tokio::net::TcpStream, head: &str, body: &[u8], s
 /// and is told to drop it (`Connection: close`) when an answer leaves the body unread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_that_skip_a_body_keep_or_honestly_close_the_connection() {
-    let cluster =
-        Cluster::builder().workers(1).shards(1).edge_config(|c| c.max_message_bytes = 16 * 1024).start().await;
+    let cluster = Cluster::builder()
+        .workers(1)
+        .shards(1)
+        .edge_config(|c| {
+            c.max_message_bytes = 16 * 1024;
+            c.body_read_timeout = std::time::Duration::from_millis(500);
+        })
+        .start()
+        .await;
     let addr = cluster.url().trim_start_matches("http://").to_owned();
     let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let body = serde_json::to_vec(&json!({"model": "tether-sim", "input": "x".repeat(48 * 1024)})).unwrap();
@@ -272,4 +279,13 @@ async fn answers_that_skip_a_body_keep_or_honestly_close_the_connection() {
     let (status, headers, _) = exchange(&mut stream, &post("/v1/responses"), &body, 20 * 1024).await;
     assert_eq!(status, 413);
     assert!(headers.contains("connection: close"), "{headers}");
+
+    // A body that never ends, to a path tether does not serve: answered once the body read
+    // times out, and the connection closes rather than waiting for the rest.
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let (status, headers, _) = exchange(&mut stream, &post("/v1/nope"), &body, 1024).await;
+    assert_eq!(status, 404);
+    assert!(headers.contains("connection: close"), "{headers}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "answered within the read timeout's bound");
 }

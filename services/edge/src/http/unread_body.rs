@@ -8,13 +8,15 @@
 //! message completed"). So:
 //!
 //! - such a response says `Connection: close` ([`mark_unread`], a layer over every route), and
-//! - the fallbacks for unknown paths and methods read and drop a body of moderate size first
-//!   ([`drain`]), so a client probing an endpoint tether does not serve keeps its connection.
+//! - the fallbacks for unknown paths and methods read and drop a body of moderate size first,
+//!   within `--body-read-timeout` ([`drain`]), so a client probing an endpoint tether does not
+//!   serve keeps its connection.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -42,10 +44,10 @@ pub async fn mark_unread(request: Request, next: Next) -> Response {
     response
 }
 
-/// Reads and drops a request body of up to [`DRAIN_LIMIT`] bytes (a larger one is left, and
-/// [`mark_unread`] closes the connection).
-pub async fn drain(body: Body) {
-    let _ = axum::body::to_bytes(body, DRAIN_LIMIT).await;
+/// Reads and drops a request body of up to [`DRAIN_LIMIT`] bytes within `limit` (a larger or
+/// slower one is left, and [`mark_unread`] closes the connection).
+pub async fn drain(body: Body, limit: Duration) {
+    let _ = tokio::time::timeout(limit, axum::body::to_bytes(body, DRAIN_LIMIT)).await;
 }
 
 /// A request body that notes when it has been read to its end.
