@@ -30,9 +30,7 @@ pub fn router(state: EdgeState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
         .merge(ops::router(readiness))
-        .fallback(move |method, uri, body| http::unsupported::not_found(method, uri, body, body_timeout))
-        .method_not_allowed_fallback(move |method, uri, body| {
-            http::unsupported::method_not_allowed(method, uri, body, body_timeout)
-        })
+        .fallback(move |request| http::unsupported::not_found(request, body_timeout))
+        .method_not_allowed_fallback(move |request| http::unsupported::method_not_allowed(request, body_timeout))
         .layer(axum::middleware::from_fn(http::unread_body::mark_unread))
 }

@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{Method, Uri};
+use axum::extract::{Request, State};
 use axum::response::Response;
 
 use crate::error::{api_error, http_error};
@@ -23,8 +21,8 @@ fn not_implemented(message: &str) -> Response {
 
 /// `POST /v1/responses/compact`: a compacted window needs a model that summarizes; the served
 /// models are plain completion models, so tether does not pretend to compact.
-pub async fn compact(State(state): State<EdgeState>, body: Body) -> Response {
-    crate::http::unread_body::drain(body, state.config.body_read_timeout).await;
+pub async fn compact(State(state): State<EdgeState>, request: Request) -> Response {
+    crate::http::unread_body::drain(request, state.config.body_read_timeout).await;
     not_implemented(
         "POST /v1/responses/compact is not supported by this server. Continue the conversation with \
          previous_response_id: the chain's state stays on the server and is not re-sent.",
@@ -33,16 +31,16 @@ pub async fn compact(State(state): State<EdgeState>, body: Body) -> Response {
 
 /// Every path no route matches (its body read first, within `body_timeout`, so the
 /// connection stays open).
-pub async fn not_found(method: Method, uri: Uri, body: Body, body_timeout: Duration) -> Response {
-    crate::http::unread_body::drain(body, body_timeout).await;
-    let message = format!("Unknown path: {method} {}.", uri.path());
+pub async fn not_found(request: Request, body_timeout: Duration) -> Response {
+    let message = format!("Unknown path: {} {}.", request.method(), request.uri().path());
+    crate::http::unread_body::drain(request, body_timeout).await;
     with_request_id(http_error(&api_error(404, "invalid_request_error", "not_found", message, "")), &request_id())
 }
 
 /// A known path with a method it does not serve (its body read first, as [`not_found`]).
-pub async fn method_not_allowed(method: Method, uri: Uri, body: Body, body_timeout: Duration) -> Response {
-    crate::http::unread_body::drain(body, body_timeout).await;
-    let message = format!("Method {method} is not allowed on {}.", uri.path());
+pub async fn method_not_allowed(request: Request, body_timeout: Duration) -> Response {
+    let message = format!("Method {} is not allowed on {}.", request.method(), request.uri().path());
+    crate::http::unread_body::drain(request, body_timeout).await;
     with_request_id(
         http_error(&api_error(405, "invalid_request_error", "method_not_allowed", message, "")),
         &request_id(),

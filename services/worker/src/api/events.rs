@@ -91,6 +91,11 @@ impl Emitter {
         }
     }
 
+    /// Whether intermediate events are sent (not for a non-streaming HTTP request).
+    pub fn streams(&self) -> bool {
+        !self.final_only
+    }
+
     /// Whether any event of this response has been sent (after that, failures are events).
     pub fn started(&self) -> bool {
         self.sent_any

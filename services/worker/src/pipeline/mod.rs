@@ -162,13 +162,15 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
     let registration = ctx.in_flight.register(&turn.tenant, id.as_str());
     let parent_id = prepared.parent.as_ref().map(|parent| parent.id.clone());
     let template = ResponseTemplate::new(id.as_str(), created_at, &prepared.request, parent_id.as_deref());
-    // Serialized once for both events.
-    let in_progress = to_raw(&template.snapshot("in_progress", |_| {}));
-    let fields = ResponseField { response: &in_progress };
-    if emitter.emit("response.created", &fields).await.is_err()
-        || emitter.emit("response.in_progress", &fields).await.is_err()
-    {
-        return Outcome::Closed;
+    if emitter.streams() {
+        // Serialized once for both events.
+        let in_progress = to_raw(&template.snapshot("in_progress", |_| {}));
+        let fields = ResponseField { response: &in_progress };
+        if emitter.emit("response.created", &fields).await.is_err()
+            || emitter.emit("response.in_progress", &fields).await.is_err()
+        {
+            return Outcome::Closed;
+        }
     }
 
     let mut builder = OutputBuilder::new(id.as_str());
