@@ -270,6 +270,13 @@ async fn answers_that_skip_a_body_keep_or_honestly_close_the_connection() {
         assert!([404, 405, 501].contains(&status), "{path}: {status}");
         assert!(!headers.contains("connection: close"), "{path}: {headers}");
     }
+    // A handler that answers without reading a small body (a cancel of an unknown response):
+    // the rest is read after the answer, and the connection stays open.
+    let small = serde_json::to_vec(&json!({"note": "x".repeat(2048)})).unwrap();
+    let (status, headers, _) =
+        exchange(&mut stream, &post("/v1/responses/resp_unknown/cancel"), &small, small.len()).await;
+    assert!((400..500).contains(&status), "cancel of an unknown response: {status}");
+    assert!(!headers.contains("connection: close"), "{headers}");
     let (status, _, reply) =
         exchange(&mut stream, &format!("GET /v1/models HTTP/1.1\r\nhost: {addr}\r\n"), b"", 0).await;
     assert_eq!(status, 200, "the same connection still serves: {}", String::from_utf8_lossy(&reply));
