@@ -287,6 +287,13 @@ async fn answers_that_skip_a_body_keep_or_honestly_close_the_connection() {
     assert_eq!(status, 413);
     assert!(headers.contains("connection: close"), "{headers}");
 
+    // A body announced over the limit and not sent: refused by its length (waiting for it
+    // would end in a 408), and the connection closes.
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (status, headers, _) = exchange(&mut stream, &post("/v1/responses"), &vec![b' '; 1 << 20], 0).await;
+    assert_eq!(status, 413);
+    assert!(headers.contains("connection: close"), "{headers}");
+
     // A body that never ends, to a path tether does not serve: answered once the body read
     // times out, and the connection closes rather than waiting for the rest.
     let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();

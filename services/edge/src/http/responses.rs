@@ -10,6 +10,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use http_body::Body as _;
 use tether_common::{ErrorClass, ResponseId};
 use tether_proto::worker::v1::{ApiError, Delivery, ResponseRef, Transport, TurnRequest, response_body};
 
@@ -54,19 +55,25 @@ pub async fn create(State(state): State<EdgeState>, request: Request) -> Respons
 }
 
 /// Reads the whole body within `--body-read-timeout` (a body that never ends gets 408) and
-/// under `--max-message-bytes` (413).
+/// under `--max-message-bytes` (413, at once for a body whose announced length exceeds it).
 pub(crate) async fn read_body(state: &EdgeState, request: Request) -> Result<Bytes, ApiError> {
     let limit = state.config.max_message_bytes;
-    let read = <Result<Bytes, BytesRejection> as FromRequest<()>>::from_request(request, &());
-    match tokio::time::timeout(state.config.body_read_timeout, read).await {
-        Ok(Ok(Ok(body))) if body.len() <= limit => Ok(body),
-        Ok(Ok(Ok(_))) => Err(api_error(
+    let too_large = || {
+        api_error(
             413,
             "invalid_request_error",
             "request_too_large",
             format!("The request body exceeds {limit} bytes."),
             "",
-        )),
+        )
+    };
+    if request.body().size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let read = <Result<Bytes, BytesRejection> as FromRequest<()>>::from_request(request, &());
+    match tokio::time::timeout(state.config.body_read_timeout, read).await {
+        Ok(Ok(Ok(body))) if body.len() <= limit => Ok(body),
+        Ok(Ok(Ok(_))) => Err(too_large()),
         Ok(Ok(Err(rejection))) => Err(body_error(&rejection, limit)),
         Ok(Err(never)) => match never {},
         Err(_) => Err(api_error(
