@@ -294,8 +294,8 @@ async fn answers_that_skip_a_body_keep_or_honestly_close_the_connection() {
     assert_eq!(status, 413);
     assert!(headers.contains("connection: close"), "{headers}");
 
-    // A body that never ends, to a path tether does not serve: answered once the body read
-    // times out, and the connection closes rather than waiting for the rest.
+    // A body that never ends, to a path tether does not serve: answered once waiting for the
+    // rest gives up, and the connection closes rather than waiting for it.
     let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let started = std::time::Instant::now();
     let (status, headers, _) = exchange(&mut stream, &post("/v1/nope"), &body, 1024).await;

@@ -13,7 +13,6 @@ use crate::{http, ws};
 pub fn router(state: EdgeState) -> Router {
     let readiness = state.readiness.clone();
     let body_limit = state.config.max_message_bytes;
-    let body_timeout = state.config.body_read_timeout;
     Router::new()
         .route("/v1/responses", post(http::responses::create).get(ws::upgrade))
         .route("/v1/responses/{id}", get(http::responses::retrieve).delete(http::responses::delete))
@@ -30,7 +29,7 @@ pub fn router(state: EdgeState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
         .merge(ops::router(readiness))
-        .fallback(move |request| http::unsupported::not_found(request, body_timeout))
-        .method_not_allowed_fallback(move |request| http::unsupported::method_not_allowed(request, body_timeout))
+        .fallback(http::unsupported::not_found)
+        .method_not_allowed_fallback(http::unsupported::method_not_allowed)
         .layer(axum::middleware::from_fn(http::unread_body::mark_unread))
 }

@@ -3,16 +3,12 @@
 //! A request the edge answers before reading its body to the end (an unknown path or method, a
 //! refused credential, a full admission queue, a body over the limit) leaves its connection
 //! unusable: hyper closes it after the response instead of reading the rest. Without being
-//! told, a client that pools connections (a router in front of tether, the SDK's HTTP pool)
-//! sends its next request on that closing connection and fails it ("connection closed before
-//! message completed"). So:
-//!
-//! - the rest of a small body a handler dropped unread (a refusal: 401, 429) is read after
-//!   the answer is ready, and a response whose body still has a rest says `Connection: close`
-//!   ([`mark_unread`], a layer over every route), and
-//! - the fallbacks for unknown paths and methods read a body of moderate size first, dropping
-//!   it chunk by chunk, within `--body-read-timeout` ([`drain`]), so a client probing an
-//!   endpoint tether does not serve keeps its connection.
+//! told, a client that pools connections (a router in front of tether probing endpoints tether
+//! does not serve, the SDK's HTTP pool) sends its next request on that closing connection and
+//! fails it ("connection closed before message completed"). So [`mark_unread`], a layer over
+//! every route, reads the rest of a body its handler dropped unread, up to [`REST_LIMIT`]
+//! within [`REST_WAIT`], and keeps the connection; a response whose body still has a rest
+//! says `Connection: close`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,34 +25,32 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use parking_lot::Mutex;
 
-/// The most a fallback reads to keep a connection open; a larger body closes it.
-const DRAIN_LIMIT: usize = 1 << 20;
-
-/// The rest of a body a handler dropped unread (a refused request: 401, 429, a cancel that
-/// ignores its body) is read after the answer is ready when it is at most this large, so the
-/// connection stays open, as hyper keeps it when the rest is already buffered; a larger rest
-/// closes it.
-const KEEP_LIMIT: u64 = 64 * 1024;
-/// How long the rest of such a body may take to arrive.
+/// The most of an unread body that is read after the answer to keep its connection open; a
+/// larger one closes it.
+const REST_LIMIT: u64 = 1 << 20;
+/// How long that rest may take to arrive.
 const REST_WAIT: Duration = Duration::from_secs(1);
 
-/// Adds `Connection: close` to an HTTP/1 response whose request body was not read to its end
-/// (HTTP/2 resets only the stream; a protocol switch keeps its own `Connection` header).
+/// Reads what an HTTP/1 request's handler left of its body and adds `Connection: close` when
+/// the body cannot be read to its end: announced larger than [`REST_LIMIT`], slower than
+/// [`REST_WAIT`], or not sent yet (`Expect: 100-continue`: reading it would make the client
+/// send it for nothing). HTTP/2 resets only the stream; a protocol switch keeps its own
+/// `Connection` header.
 pub async fn mark_unread(request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
-    if body.is_end_stream() || !is_http1(parts.version) {
+    if body.is_end_stream() || !matches!(parts.version, Version::HTTP_10 | Version::HTTP_11) {
         return next.run(Request::from_parts(parts, body)).await;
     }
+    let expects_continue = parts.headers.contains_key(header::EXPECT);
     let leftover = Arc::new(Leftover::default());
     let body = Body::new(Tracked { inner: body, leftover: leftover.clone() });
     let mut response = next.run(Request::from_parts(parts, body)).await;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS || leftover.ended.load(Ordering::Acquire) {
         return response;
     }
-    let rest = leftover.rest.lock().take();
-    let small = |rest: &Body| rest.size_hint().upper().is_some_and(|bytes| bytes <= KEEP_LIMIT);
+    let rest = leftover.rest.lock().take().filter(|rest| rest.size_hint().lower() <= REST_LIMIT);
     let read = match rest {
-        Some(rest) if small(&rest) => read_to_end(rest, REST_WAIT, KEEP_LIMIT as usize).await,
+        Some(rest) if !expects_continue => read_to_end(rest).await,
         _ => false,
     };
     if !read {
@@ -65,34 +59,17 @@ pub async fn mark_unread(request: Request, next: Next) -> Response {
     response
 }
 
-fn is_http1(version: Version) -> bool {
-    matches!(version, Version::HTTP_10 | Version::HTTP_11)
-}
-
-/// Reads a request's body to its end within `limit`, dropping each chunk as it arrives, when
-/// that keeps its HTTP/1 connection usable: a body announced larger than [`DRAIN_LIMIT`] or
-/// not sent yet (`Expect: 100-continue`), an HTTP/2 stream, or one slower than `limit` is
-/// left unread, and [`mark_unread`] closes the connection.
-pub async fn drain(request: Request, limit: Duration) {
-    let announced = request.body().size_hint().lower();
-    let expects_continue = request.headers().contains_key(header::EXPECT);
-    if !is_http1(request.version()) || expects_continue || announced > DRAIN_LIMIT as u64 {
-        return;
-    }
-    read_to_end(request.into_body(), limit, DRAIN_LIMIT).await;
-}
-
-/// Reads `body` to its end, dropping each chunk, within `limit` and `max_bytes`; returns
-/// whether it got to the end.
-async fn read_to_end(mut body: Body, limit: Duration, max_bytes: usize) -> bool {
+/// Reads `body` to its end, dropping each chunk, within [`REST_WAIT`] and [`REST_LIMIT`];
+/// returns whether it got to the end.
+async fn read_to_end(mut body: Body) -> bool {
     let read = async {
-        let mut read = 0usize;
+        let mut read = 0u64;
         loop {
             match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
                 None => return true,
                 Some(Ok(frame)) => {
-                    read += frame.data_ref().map_or(0, Bytes::len);
-                    if read > max_bytes {
+                    read += frame.data_ref().map_or(0, |data| data.len() as u64);
+                    if read > REST_LIMIT {
                         return false;
                     }
                 }
@@ -100,7 +77,7 @@ async fn read_to_end(mut body: Body, limit: Duration, max_bytes: usize) -> bool 
             }
         }
     };
-    tokio::time::timeout(limit, read).await.unwrap_or(false)
+    tokio::time::timeout(REST_WAIT, read).await.unwrap_or(false)
 }
 
 /// What a request's body left: whether it was read to its end, and else the unread rest once

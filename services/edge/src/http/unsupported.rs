@@ -2,14 +2,12 @@
 //! method no route matches: always an error object in the protocol's shape, never an empty
 //! body (the SDK reads the message from `error`).
 
-use std::time::Duration;
-
-use axum::extract::{Request, State};
+use axum::http::{Method, Uri};
 use axum::response::Response;
 
 use crate::error::{api_error, http_error};
 use crate::http::responses::with_request_id;
-use crate::state::{EdgeState, request_id};
+use crate::state::request_id;
 
 fn not_implemented(message: &str) -> Response {
     // 501: a retry cannot help (`http_error` sends `x-should-retry: false` for it).
@@ -21,26 +19,22 @@ fn not_implemented(message: &str) -> Response {
 
 /// `POST /v1/responses/compact`: a compacted window needs a model that summarizes; the served
 /// models are plain completion models, so tether does not pretend to compact.
-pub async fn compact(State(state): State<EdgeState>, request: Request) -> Response {
-    crate::http::unread_body::drain(request, state.config.body_read_timeout).await;
+pub async fn compact() -> Response {
     not_implemented(
         "POST /v1/responses/compact is not supported by this server. Continue the conversation with \
          previous_response_id: the chain's state stays on the server and is not re-sent.",
     )
 }
 
-/// Every path no route matches (its body read first, within `body_timeout`, so the
-/// connection stays open).
-pub async fn not_found(request: Request, body_timeout: Duration) -> Response {
-    let message = format!("Unknown path: {} {}.", request.method(), request.uri().path());
-    crate::http::unread_body::drain(request, body_timeout).await;
+/// Every path no route matches.
+pub async fn not_found(method: Method, uri: Uri) -> Response {
+    let message = format!("Unknown path: {method} {}.", uri.path());
     with_request_id(http_error(&api_error(404, "invalid_request_error", "not_found", message, "")), &request_id())
 }
 
-/// A known path with a method it does not serve (its body read first, as [`not_found`]).
-pub async fn method_not_allowed(request: Request, body_timeout: Duration) -> Response {
-    let message = format!("Method {} is not allowed on {}.", request.method(), request.uri().path());
-    crate::http::unread_body::drain(request, body_timeout).await;
+/// A known path with a method it does not serve.
+pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let message = format!("Method {method} is not allowed on {}.", uri.path());
     with_request_id(
         http_error(&api_error(405, "invalid_request_error", "method_not_allowed", message, "")),
         &request_id(),

@@ -244,9 +244,6 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
             }),
         );
     });
-    // Serialized once: the terminal event and the stored copy are the same bytes.
-    let json = to_raw(&response);
-    let response = Arc::new(response);
 
     if tether_common::pause::paused_since(started) {
         // This process was stopped during the turn: its edge has continued the response on
@@ -255,6 +252,9 @@ async fn execute(ctx: &Arc<WorkerContext>, turn: &TurnRequest, prepared: Prepare
         metrics::counter!(m::TURNS_DROPPED_AFTER_PAUSE).increment(1);
         return Outcome::Closed;
     }
+    // Serialized once: the terminal event and the stored copy are the same bytes.
+    let json = to_raw(&response);
+    let response = Arc::new(response);
     // 7. Commit (and replicate, in sync mode) before the terminal event: a client that saw
     // `completed` can continue, even after this worker crashes.
     if let Some(state) = commit(ctx, turn, &prepared, &id, builder, completion, &json) {
